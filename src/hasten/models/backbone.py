@@ -1,0 +1,42 @@
+"""The interface every runtime offers the decoding loop.
+
+A backbone owns weights and a static KV cache of `capacity` slots per row. `length` slots
+are committed. `forward` writes the K/V of its new tokens into the slots after `length`
+without committing them; `commit(keep)` then keeps a chosen subset of those pending entries
+(all of them for plain decoding, the accepted path for speculative decoding), packs them
+into contiguous slots and advances `length`. Nothing else ever moves the cache.
+
+Masks are boolean, `True` = may attend, shaped [batch, new_tokens, length + new_tokens]:
+the committed past followed by the new tokens themselves. `None` means plain causal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor  # [batch, T, vocab] (or [batch, 1, vocab] with last_only)
+    hidden: torch.Tensor  # [batch, T, hidden] after the final norm: what Medusa heads read
+
+
+class Backbone(Protocol):
+    vocab_size: int
+    device: torch.device
+    dtype: torch.dtype
+    capacity: int
+    length: int
+
+    def reset(self, batch_size: int = 1, capacity: int | None = None) -> None:
+        """Empty the cache (and reallocate it if the batch size or capacity changed)."""
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, last_only: bool = False) -> StepOutput:
+        """Run new tokens [batch, T] against the committed cache; K/V stay pending."""
+
+    def commit(self, keep: torch.Tensor | None = None) -> None:
+        """Keep pending entries `keep` (indices into the last forward's T tokens; None = all)."""

@@ -1,0 +1,229 @@
+"""A lean Llama-family runtime: Llama 2/3, Mistral, Qwen2, SmolLM2.
+
+RMSNorm, RoPE (default / linear / llama3 scaling), grouped-query attention through
+`scaled_dot_product_attention`, SwiGLU, tied or untied embeddings, and a static KV cache.
+Weights use Hugging Face names on the way in; q/k/v and gate/up are fused into one matmul
+each at load time because on a CPU one big matmul beats three small ones.
+
+`forward` takes token ids with their absolute positions and a boolean mask over
+(committed cache + new tokens), which is all a speculative verifier needs to check a whole
+token tree in one pass. See `backbone.py` for the cache contract.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ContextFullError, ModelSourceError
+from .backbone import StepOutput
+from .config import LlamaConfig
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (float64) and the position divisor for the config's RoPE variant."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq, float(scaling["factor"])
+    if kind == "llama3":
+        # Llama 3.1: leave high frequencies alone, divide low ones by `factor`, blend between.
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        out = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        middle = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+        return torch.where(middle, blended, out), 1.0
+    raise ModelSourceError(f"RoPE scaling type {kind!r} is not supported by the lean runtime; "
+                           "use the generic adapter (--runtime hf)")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Half precision normalises in float32, as the reference implementation does.
+        xf = x.float() if x.element_size() < 4 else x
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, kv = self.n_heads * self.hd, self.n_kv * self.hd
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.wqkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)
+        self.wo = nn.Linear(q, cfg.hidden_size, bias=False)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.split = (q, kv, kv)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, start: int, mask):
+        b, t, _ = x.shape
+        q, k, v = self.wqkv(self.attn_norm(x)).split(self.split, dim=-1)
+        q = q.view(b, t, self.n_heads, self.hd).transpose(1, 2)
+        k = k.view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        end = start + t
+        k_cache[:, :, start:end] = k
+        v_cache[:, :, start:end] = v
+        attn = F.scaled_dot_product_attention(
+            q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask,
+            is_causal=mask is None and start == 0 and t > 1, enable_gqa=self.n_kv != self.n_heads)
+        x = x + self.wo(attn.transpose(1, 2).reshape(b, t, -1))
+        gate, up = self.w_gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.w_down(F.silu(gate) * up)
+
+
+class LlamaModel(nn.Module):
+    """Weights plus a static KV cache; implements the `Backbone` protocol."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.vocab_size = cfg.vocab_size
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.capacity = 0
+        self.length = 0
+        self._pending = 0
+        self._k = self._v = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    # ---- weights -------------------------------------------------------------------------
+
+    def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Load Hugging Face-named weights (`model.layers.0.self_attn.q_proj.weight`, ...)."""
+        own = {"embed.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
+        if not self.config.tie_word_embeddings:
+            own["lm_head.weight"] = sd["lm_head.weight"]
+        for i in range(self.config.num_layers):
+            p = f"model.layers.{i}."
+            att, mlp = p + "self_attn.", p + "mlp."
+            own[f"blocks.{i}.attn_norm.weight"] = sd[p + "input_layernorm.weight"]
+            own[f"blocks.{i}.mlp_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+            own[f"blocks.{i}.wqkv.weight"] = torch.cat([sd[att + n + "_proj.weight"] for n in "qkv"])
+            if self.config.attention_bias:
+                own[f"blocks.{i}.wqkv.bias"] = torch.cat([sd[att + n + "_proj.bias"] for n in "qkv"])
+            own[f"blocks.{i}.wo.weight"] = sd[att + "o_proj.weight"]
+            own[f"blocks.{i}.w_gate_up.weight"] = torch.cat([sd[mlp + "gate_proj.weight"],
+                                                             sd[mlp + "up_proj.weight"]])
+            own[f"blocks.{i}.w_down.weight"] = sd[mlp + "down_proj.weight"]
+        missing, unexpected = self.load_state_dict(own, strict=False)
+        missing = [m for m in missing if not (m == "lm_head.weight" and self.config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise ModelSourceError(f"weights do not fit the config: missing {missing[:4]}, "
+                                   f"unexpected {unexpected[:4]}")
+
+    # ---- cache ---------------------------------------------------------------------------
+
+    def reset(self, batch_size: int = 1, capacity: int | None = None) -> None:
+        cfg = self.config
+        capacity = capacity or self.capacity or min(cfg.max_position_embeddings, 4096)
+        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, capacity, cfg.head_dim)
+        if self._k is None or self._k.shape != shape:
+            self._k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self._v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            inv_freq, divisor = rope_inv_freq(cfg)
+            angles = torch.outer(torch.arange(capacity, dtype=torch.float64) / divisor, inv_freq)
+            angles = torch.cat([angles, angles], dim=-1)
+            self._cos = angles.cos().to(self.device, self.dtype)
+            self._sin = angles.sin().to(self.device, self.dtype)
+        self.capacity, self.length, self._pending = capacity, 0, 0
+
+    def commit(self, keep: torch.Tensor | None = None) -> None:
+        if keep is None:
+            self.length += self._pending
+        else:
+            keep = torch.as_tensor(keep, dtype=torch.long, device=self.device)
+            if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= self._pending):
+                raise IndexError(f"commit indices must lie in [0, {self._pending})")
+            src = self.length + keep
+            dst = self.length + torch.arange(keep.numel(), device=self.device)
+            # Gathering first makes overlapping source/destination ranges safe.
+            self._k[:, :, :, dst] = self._k[:, :, :, src]
+            self._v[:, :, :, dst] = self._v[:, :, :, src]
+            self.length += keep.numel()
+        self._pending = 0
+
+    # ---- forward -------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, last_only: bool = False) -> StepOutput:
+        if self._k is None:
+            self.reset(batch_size=input_ids.shape[0])
+        b, t = input_ids.shape
+        start = self.length
+        if start + t > self.capacity:
+            raise ContextFullError(
+                f"context full: {start} cached + {t} new tokens exceed the cache capacity "
+                f"{self.capacity}; shorten the prompt or lower --max-new-tokens")
+        if b != self._k.shape[1]:
+            raise ValueError(f"batch of {b} rows but the cache was reset for {self._k.shape[1]}")
+        if positions is None:
+            positions = torch.arange(start, start + t, device=self.device).expand(b, t)
+        if int(positions.max()) >= self.capacity:
+            raise ContextFullError(f"position {int(positions.max())} beyond the RoPE table "
+                                   f"({self.capacity}); reset with a larger capacity")
+        cos, sin = self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)
+        if mask is None and start > 0 and t > 1:
+            mask = causal_mask(start, t, self.device).expand(b, t, start + t)
+        if mask is not None:
+            mask = mask.unsqueeze(1)  # one mask for all heads
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, self._k[i], self._v[i], start, mask)
+        hidden = self.norm(x)
+        logits = self.lm_head(hidden[:, -1:] if last_only else hidden)
+        self._pending = t
+        return StepOutput(logits=logits, hidden=hidden)
+
+
+def causal_mask(past: int, t: int, device=None) -> torch.Tensor:
+    """[t, past + t] boolean: every new token sees the whole past and the new tokens before it."""
+    return torch.ones(t, past + t, dtype=torch.bool, device=device).tril(diagonal=past)
+
+
+def build_llama(cfg: LlamaConfig, weights: dict[str, torch.Tensor], dtype=torch.float32,
+                device="cpu") -> LlamaModel:
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.load_hf_state_dict({k: v.to(dtype) for k, v in weights.items()})
+    return model.eval().requires_grad_(False)
