@@ -154,6 +154,9 @@ class LlamaModel(nn.Module):
     def reset(self, batch_size: int = 1, capacity: int | None = None) -> None:
         cfg = self.config
         capacity = capacity or self.capacity or min(cfg.max_position_embeddings, 4096)
+        allocated = self._k.shape[3] if self._k is not None else 0
+        if self._k is not None and self._k.shape[1] == batch_size and allocated >= capacity:
+            capacity = allocated  # reuse the allocation: a larger cache is never wrong
         shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, capacity, cfg.head_dim)
         if self._k is None or self._k.shape != shape:
             self._k = torch.zeros(shape, dtype=self.dtype, device=self.device)
