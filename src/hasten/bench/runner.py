@@ -1,0 +1,107 @@
+"""`hasten bench`: methods side by side on the same prompts, interleaved in one process.
+
+Each method is a function `prompt_ids -> (new token ids, seconds)`. After one warm-up run
+of every method, prompts are taken one by one and the methods run in a rotating order,
+so drift on a shared machine (thermal, noisy neighbours) hits every method alike. Speed is
+reported as medians and as per-prompt ratios against a baseline; correctness as the number
+of prompts whose greedy output differs from the baseline's, token for token.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+Method = Callable[[list[int]], tuple[list[int], float]]
+
+
+@dataclass
+class MethodResult:
+    name: str
+    tokens: list[list[int]] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> list[float]:
+        return [len(t) / s for t, s in zip(self.tokens, self.seconds)]
+
+
+def rotation(methods: list[str], index: int) -> list[str]:
+    """The order methods run in for prompt `index`: rotate by one each prompt."""
+    k = index % len(methods)
+    return methods[k:] + methods[:k]
+
+
+def run_interleaved(methods: dict[str, Method], prompts: list[list[int]], warmup: bool = True,
+                    progress: Callable[[str], None] | None = None) -> dict[str, MethodResult]:
+    names = list(methods)
+    if warmup:
+        for name in names:
+            methods[name](prompts[0])
+    results = {name: MethodResult(name) for name in names}
+    for i, prompt in enumerate(prompts):
+        for name in rotation(names, i):
+            tokens, seconds = methods[name](prompt)
+            results[name].tokens.append(list(tokens))
+            results[name].seconds.append(seconds)
+        if progress:
+            progress(f"prompt {i + 1}/{len(prompts)}: " + ", ".join(
+                f"{n} {results[n].tokens_per_second[-1]:.1f} tok/s" for n in names))
+    return results
+
+
+def summarize(results: dict[str, MethodResult], baseline: str) -> dict[str, dict]:
+    """Per method: median tokens/s, per-prompt speedup vs `baseline` (median, min, max),
+    and how many prompts' outputs differ from the baseline's."""
+    base = results[baseline]
+    out = {}
+    for name, r in results.items():
+        ratios = [a / b for a, b in zip(r.tokens_per_second, base.tokens_per_second)]
+        out[name] = {
+            "median_tokens_per_second": statistics.median(r.tokens_per_second),
+            "tokens_per_second": r.tokens_per_second,
+            "speedup_vs_" + baseline: {"median": statistics.median(ratios), "min": min(ratios),
+                                       "max": max(ratios)},
+            "mismatches_vs_" + baseline: sum(a != b for a, b in zip(r.tokens, base.tokens)),
+            "prompts": len(r.tokens),
+        }
+    return out
+
+
+def machine_info() -> dict:
+    return {"python": sys.version.split()[0], "torch": torch.__version__,
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads()}
+
+
+def markdown_table(summary: dict[str, dict], baseline: str) -> str:
+    lines = [f"| method | median tok/s | speedup vs {baseline} (median, min-max) | outputs differing |",
+             "|---|---:|---:|---:|"]
+    for name, s in summary.items():
+        sp = s["speedup_vs_" + baseline]
+        lines.append(f"| {name} | {s['median_tokens_per_second']:.1f} | {sp['median']:.2f}x "
+                     f"({sp['min']:.2f}-{sp['max']:.2f}) | {s['mismatches_vs_' + baseline]}"
+                     f"/{s['prompts']} |")
+    return "\n".join(lines)
+
+
+def write_report(path: Path, report: dict) -> None:
+    """Write JSON atomically: a crash never leaves a half-written report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)
+
+
+def timed(fn: Callable[[], list[int]]) -> tuple[list[int], float]:
+    start = time.perf_counter()
+    tokens = fn()
+    return tokens, time.perf_counter() - start

@@ -1,0 +1,129 @@
+"""The `hasten` command line. Generated text goes to stdout and nothing else; progress,
+statistics and errors go to stderr, so output can be piped and compared."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import HastenError
+
+MODEL_HELP = ("model: 'smollm2-135m-instruct' (embedded default), a .gguf file, or a Hugging Face "
+              "folder (config.json + safetensors + tokenizer)")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help=MODEL_HELP)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
+    p.add_argument("--runtime", default="auto", choices=("auto", "lean", "hf"),
+                   help="lean: our Llama-family runtime; hf: generic transformers adapter; "
+                        "auto: lean when the architecture allows (default)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hasten", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout",
+                       description="Generate text. The chat template is applied for instruct "
+                                   "models unless --raw is given.")
+    g.add_argument("prompt", nargs="?", default=None, help="the prompt; read from stdin if omitted or '-'")
+    add_model_args(g)
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--system", default=None, help="system message for chat models")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=256)
+    g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    g.add_argument("--stats", action="store_true", help="print a statistics summary to stderr")
+    g.add_argument("--stats-json", action="store_true", help="print statistics as JSON to stderr")
+
+    b = sub.add_parser("bench", help="benchmark: our plain decoding vs transformers generate()",
+                       description="Run methods interleaved on the same prompts in one process; "
+                                   "print medians and ratios, write JSON + Markdown.")
+    add_model_args(b)
+    b.add_argument("--limit", type=int, default=6, help="number of built-in prompts (default 6)")
+    b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--output", type=Path, default=None,
+                   help="JSON report path (default: bench-results/plain-<time>.json)")
+    return parser
+
+
+def read_prompt(arg: str | None) -> str:
+    if arg is None or arg == "-":
+        if sys.stdin.isatty():
+            raise HastenError("no prompt: pass one as an argument or pipe it on stdin")
+        arg = sys.stdin.read()
+    if not arg.strip():
+        raise HastenError("the prompt is empty")
+    return arg
+
+
+def load_model(args):
+    import torch
+
+    from .api import load
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load(args.model, device=args.device, dtype=args.dtype, runtime=args.runtime)
+
+
+def cmd_generate(args) -> None:
+    if args.max_new_tokens < 1:
+        raise HastenError("--max-new-tokens must be at least 1")
+    prompt = read_prompt(args.prompt)
+    t0 = time.perf_counter()
+    model = load_model(args)
+    load_s = time.perf_counter() - t0
+    for piece in model.stream(prompt, max_new_tokens=args.max_new_tokens, chat=False if args.raw else None,
+                              system=args.system, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    stats = model.last_stats
+    if args.stats_json:
+        print(json.dumps({"model": model.name, "load_time_s": round(load_s, 3), **stats.summary()}),
+              file=sys.stderr)
+    elif args.stats:
+        print(f"[{model.name}] prompt {stats.prompt_tokens} tokens, {stats.new_tokens} new tokens "
+              f"in {stats.total_time:.2f} s: {stats.tokens_per_second:.1f} tok/s "
+              f"(decode {stats.decode_tokens_per_second:.1f} tok/s), time to first token "
+              f"{stats.time_to_first_token * 1000:.0f} ms, load {load_s:.1f} s, "
+              f"finish: {stats.finish_reason}", file=sys.stderr)
+
+
+def cmd_bench(args) -> None:
+    from .bench.plain import run_plain_bench
+    from .bench.prompts import BUILTIN_PROMPTS
+    from .models.sources import resolve_model
+    model = load_model(args)
+    folder = resolve_model(args.model, progress=False).folder
+    output = args.output or Path("bench-results") / f"plain-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    settings = {"max_new_tokens": args.max_new_tokens, "limit": args.limit, "dtype": args.dtype,
+                "device": args.device, "runtime": args.runtime}
+    run_plain_bench(model, folder, BUILTIN_PROMPTS[:args.limit], args.max_new_tokens, output, settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import transformers
+        transformers.logging.set_verbosity_error()
+        {"generate": cmd_generate, "bench": cmd_bench}[args.command](args)
+    except HastenError as e:
+        print(f"hasten: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
