@@ -1,0 +1,45 @@
+import json
+
+from hasten.bench.runner import (MethodResult, markdown_table, rotation, run_interleaved,
+                                 summarize, write_report)
+
+
+def test_rotation_gives_every_method_every_slot():
+    names = ["a", "b", "c"]
+    orders = [rotation(names, i) for i in range(3)]
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    for slot in range(3):
+        assert sorted(o[slot] for o in orders) == names
+
+
+def test_interleaving_order_and_warmup():
+    calls = []
+
+    def method(name):
+        def run(prompt):
+            calls.append((name, tuple(prompt)))
+            return [1, 2], 1.0
+        return run
+
+    run_interleaved({"a": method("a"), "b": method("b")}, [[1], [2], [3]])
+    assert calls == [("a", (1,)), ("b", (1,)),  # warm-up
+                     ("a", (1,)), ("b", (1,)), ("b", (2,)), ("a", (2,)), ("a", (3,)), ("b", (3,))]
+
+
+def test_speedup_is_per_prompt_then_median_and_mismatches_are_counted():
+    base = MethodResult("base", tokens=[[1, 2], [3, 4], [5, 6, 7, 8]], seconds=[1.0, 1.0, 2.0])
+    fast = MethodResult("fast", tokens=[[1, 2], [3, 9], [5, 6, 7, 8]], seconds=[0.5, 0.25, 2.0])
+    s = summarize({"base": base, "fast": fast}, "base")
+    assert s["fast"]["speedup_vs_base"] == {"median": 2.0, "min": 1.0, "max": 4.0}
+    assert s["fast"]["mismatches_vs_base"] == 1
+    assert s["base"]["mismatches_vs_base"] == 0
+    assert s["fast"]["median_tokens_per_second"] == 4.0  # 4, 8, 2 tok/s
+    table = markdown_table(s, "base")
+    assert "| fast | 4.0 | 2.00x (1.00-4.00) | 1/3 |" in table
+
+
+def test_report_written_atomically(tmp_path):
+    path = tmp_path / "r" / "report.json"
+    write_report(path, {"x": 1})
+    assert json.loads(path.read_text()) == {"x": 1}
+    assert not list(path.parent.glob("*.tmp"))
