@@ -40,3 +40,6 @@ class Backbone(Protocol):
 
     def commit(self, keep: torch.Tensor | None = None) -> None:
         """Keep pending entries `keep` (indices into the last forward's T tokens; None = all)."""
+
+    def truncate(self, length: int) -> None:
+        """Drop committed entries after `length` (draft models roll back rejected guesses)."""

@@ -183,6 +183,12 @@ class LlamaModel(nn.Module):
             self.length += keep.numel()
         self._pending = 0
 
+    def truncate(self, length: int) -> None:
+        """Forget committed entries after `length` (a draft model rolling back its guesses)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} entries to {length}")
+        self.length, self._pending = length, 0
+
     # ---- forward -------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
