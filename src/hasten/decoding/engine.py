@@ -22,6 +22,7 @@ import torch
 
 from ..models.backbone import Backbone
 from .accept import accept, accept_typical
+from .budget import AdaptiveBudget
 from .generate import GenerationStats, cache_capacity
 from .sampling import SamplingParams, choose
 from .tree import DraftTree, keep_indices, verify_inputs
@@ -48,8 +49,12 @@ def generate_speculative(backbone: Backbone, drafter: Drafter, prompt: list[int]
                          max_new_tokens: int, params: SamplingParams = SamplingParams(),
                          stop_ids: tuple[int, ...] = (), generator: torch.Generator | None = None,
                          max_positions: int = 4096, tree_budget: int = 8, typical: bool = False,
+                         adaptive: AdaptiveBudget | None = None,
                          stats: GenerationStats | None = None) -> Iterator[int]:
-    """Yield new token ids as they are accepted. `typical=True` opts into Medusa's lossy rule."""
+    """Yield new token ids as they are accepted. `typical=True` opts into Medusa's lossy rule.
+
+    `tree_budget` caps the draft nodes per step; with `adaptive`, the budget is re-picked each
+    step (up to `tree_budget`) from the measured verify costs and the observed acceptance."""
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt)
     if not prompt:
@@ -77,8 +82,9 @@ def generate_speculative(backbone: Backbone, drafter: Drafter, prompt: list[int]
         if room < 0:
             stats.finish_reason = "context"
             break
+        budget = min(adaptive.budget if adaptive else tree_budget, tree_budget, room)
         t0 = time.perf_counter()
-        tree = drafter.propose(context, min(tree_budget, room), hidden).truncated(min(tree_budget, room))
+        tree = drafter.propose(context, budget, hidden).truncated(budget)
         t1 = time.perf_counter()
         inputs = verify_inputs(tree, root, backbone.length, backbone.device)
         out = backbone.forward(*inputs)
@@ -92,6 +98,8 @@ def generate_speculative(backbone: Backbone, drafter: Drafter, prompt: list[int]
         keep = keep_indices(path)
         backbone.commit(keep.to(backbone.device))
         hidden = out.hidden[0, int(keep[-1])]
+        if adaptive:
+            adaptive.update(tree.max_depth, len(path))
         t3 = time.perf_counter()
         stats.draft_time += t1 - t0
         stats.verify_time += t2 - t1

@@ -1,0 +1,116 @@
+"""How many draft tokens a verify step should carry, chosen for the hardware.
+
+On a GPU a forward over 64 tokens costs about as much as over one; on a CPU it costs several
+times more, so a big tree can make decoding slower. We measure the cost of a verify forward
+for a few tree sizes once per (model, device, dtype, threads), cache the curve, and pick the
+size that maximises expected tokens per second:
+
+    tokens/s(n) = E[tokens gained per step | n draft nodes] / cost(n)
+
+E is estimated online from the drafter's recent acceptance: with a per-token acceptance rate
+a along a chain, a step gains 1 + a + a^2 + ... + a^n tokens (the bonus token included).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..models.backbone import Backbone
+
+SIZES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+@dataclass
+class CostCurve:
+    """Seconds per verify forward of 1 + n tokens, for the measured n in `sizes`."""
+    sizes: list[int]
+    seconds: list[float]
+
+    def cost(self, n: int) -> float:
+        """Linear interpolation between measured sizes (flat beyond the last)."""
+        for (a, ta), (b, tb) in zip(zip(self.sizes, self.seconds), zip(self.sizes[1:], self.seconds[1:])):
+            if a <= n <= b:
+                return ta + (tb - ta) * (n - a) / (b - a)
+        return self.seconds[-1] if n > self.sizes[-1] else self.seconds[0]
+
+    def relative(self) -> dict[int, float]:
+        return {n: round(t / self.seconds[0], 2) for n, t in zip(self.sizes, self.seconds)}
+
+
+@torch.inference_mode()
+def measure_cost_curve(backbone: Backbone, sizes=SIZES, past: int = 128, repeats: int = 3) -> CostCurve:
+    """Time a verify-shaped forward (a chain after `past` cached tokens) for each size."""
+    backbone.reset(1, past + max(sizes) + 2)
+    ids = torch.randint(0, backbone.vocab_size, (1, past + max(sizes) + 1), device=backbone.device)
+    backbone.forward(ids[:, :past])
+    backbone.commit()
+    seconds = []
+    for n in sizes:
+        times = []
+        for _ in range(repeats + 1):  # the first run warms up kernels for this shape
+            t0 = time.perf_counter()
+            backbone.forward(ids[:, past:past + n + 1])
+            if backbone.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            backbone.commit(torch.empty(0, dtype=torch.long))
+        seconds.append(statistics.median(times[1:]))
+    return CostCurve(list(sizes), seconds)
+
+
+def cached_cost_curve(backbone: Backbone, key: str, cache_dir: Path) -> CostCurve:
+    """The curve for `key` from `cache_dir`, measured (a few seconds) and saved if absent."""
+    path = cache_dir / f"{key}.json"
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+            return CostCurve(data["sizes"], data["seconds"])
+        except (ValueError, KeyError):
+            pass  # unreadable: measure again
+    curve = measure_cost_curve(backbone)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"sizes": curve.sizes, "seconds": curve.seconds}))
+    tmp.replace(path)
+    return curve
+
+
+def expected_gain(rate: float, n: int) -> float:
+    """Tokens per step for a chain of n drafts accepted with per-token probability `rate`."""
+    return sum(rate ** k for k in range(n + 1))
+
+
+def best_budget(curve: CostCurve, rate: float, max_budget: int) -> int:
+    """The number of draft nodes (0..max_budget) with the highest expected tokens/second."""
+    return max(range(max_budget + 1), key=lambda n: expected_gain(rate, n) / curve.cost(n))
+
+
+class AdaptiveBudget:
+    """Tracks the drafter's per-token acceptance rate and re-picks the tree budget each step."""
+
+    def __init__(self, curve: CostCurve, max_budget: int, prior_rate: float = 0.5, memory: float = 0.9):
+        self.curve, self.max_budget, self.memory = curve, max_budget, memory
+        # Exponentially weighted counts of accepted drafts and of drafts judged.
+        self.accepted, self.trials = prior_rate, 1.0
+        self.budget = max(1, best_budget(curve, prior_rate, max_budget))
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / self.trials
+
+    def update(self, proposed_depth: int, accepted_drafts: int) -> int:
+        """After a step whose tree was `proposed_depth` deep and kept `accepted_drafts` drafts."""
+        if proposed_depth > 0:
+            # Each accepted draft was one success; a stop before the end was one failure.
+            trials = accepted_drafts + (1 if accepted_drafts < proposed_depth else 0)
+            self.accepted = self.memory * self.accepted + accepted_drafts
+            self.trials = self.memory * self.trials + trials
+        # Never settle on 0: with no drafts there is nothing left to learn the rate from.
+        self.budget = max(1, best_budget(self.curve, self.rate, self.max_budget))
+        return self.budget

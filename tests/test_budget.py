@@ -1,0 +1,53 @@
+import torch
+
+from hasten.decoding.budget import (AdaptiveBudget, CostCurve, best_budget, cached_cost_curve,
+                                    expected_gain, measure_cost_curve)
+from hasten.decoding.engine import generate_speculative
+from hasten.decoding.generate import generate_plain
+from hasten.drafters.lookup import LookupDrafter
+from tiny import tiny_pair
+
+CPU_LIKE = CostCurve([0, 1, 2, 4, 8, 16, 32], [1.0, 1.3, 1.5, 1.9, 2.4, 3.0, 4.0])
+GPU_LIKE = CostCurve([0, 1, 2, 4, 8, 16, 32], [1.0, 1.0, 1.0, 1.01, 1.02, 1.03, 1.05])
+
+
+def test_interpolation_and_gain():
+    assert CPU_LIKE.cost(3) == 1.7
+    assert CPU_LIKE.cost(100) == 4.0
+    assert expected_gain(0.5, 2) == 1.75
+    assert expected_gain(1.0, 4) == 5
+
+
+def test_cpu_gets_a_small_budget_gpu_a_large_one():
+    assert best_budget(GPU_LIKE, 0.8, 32) > best_budget(CPU_LIKE, 0.8, 32)
+    assert best_budget(CPU_LIKE, 0.1, 32) == 0  # drafts that are rarely right do not pay on a CPU
+    assert best_budget(CPU_LIKE, 0.95, 32) >= 4
+
+
+def test_adaptive_budget_follows_acceptance():
+    ada = AdaptiveBudget(CPU_LIKE, 16)
+    for _ in range(40):
+        ada.update(ada.budget, ada.budget)  # everything accepted
+    high = ada.budget
+    for _ in range(80):  # long enough for the exponential memory to forget the good run
+        ada.update(ada.budget, 0)  # nothing accepted
+    assert ada.rate < 0.1 and ada.budget == 1 < high
+
+
+def test_measured_curve_and_cache(tmp_path):
+    model, _ = tiny_pair()
+    curve = measure_cost_curve(model, sizes=(0, 2, 4), past=8, repeats=1)
+    assert curve.sizes == [0, 2, 4] and all(t > 0 for t in curve.seconds)
+    first = cached_cost_curve(model, "tiny", tmp_path)
+    assert (tmp_path / "tiny.json").exists()
+    again = cached_cost_curve(model, "tiny", tmp_path)
+    assert again.seconds == first.seconds  # read back, not re-measured
+
+
+def test_adaptive_generation_still_matches_plain():
+    model, _ = tiny_pair()
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
+    want = list(generate_plain(model, prompt, 30))
+    got = list(generate_speculative(model, LookupDrafter(), prompt, 30, tree_budget=8,
+                                    adaptive=AdaptiveBudget(CPU_LIKE, 8)))
+    assert got == want
