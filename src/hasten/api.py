@@ -10,14 +10,25 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import torch
 
+from .decoding.budget import AdaptiveBudget, CostCurve, cached_cost_curve
+from .decoding.engine import generate_speculative
 from .decoding.generate import GenerationStats, generate_plain
 from .decoding.sampling import SamplingParams
+from .drafters import make_drafter
 from .errors import HastenError
 from .models.backbone import Backbone
+from .models.config import LlamaConfig
+from .models.hf_adapter import HFBackbone
+from .models.llama import build_llama
+from .models.sources import cache_root, load_tokenizer, load_weights, resolve_model
+
+# Upper bound on draft nodes per step; the adaptive budget picks at most this many.
+MAX_TREE_SIZE = 32
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -61,8 +72,10 @@ class Detokenizer:
 
 class Model:
     def __init__(self, backbone: Backbone, tokenizer, name: str, max_positions: int,
-                 stop_ids: tuple[int, ...]):
+                 stop_ids: tuple[int, ...], fingerprint: str = ""):
         self.backbone = backbone
+        self.fingerprint = fingerprint or name  # identifies the weights (cache keys)
+        self._cost_curve: CostCurve | None = None
         self.tokenizer = tokenizer
         self.name = name
         self.max_positions = max_positions
@@ -96,21 +109,44 @@ class Model:
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 256,
                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                     seed: int | None = None) -> Iterator[int]:
+                     seed: int | None = None, draft=None, tree_size: int | None = None,
+                     typical: bool = False) -> Iterator[int]:
+        """New token ids, streamed. `draft`: None (plain decoding), a drafter name ("lookup",
+        "model") or a drafter object. `tree_size`: draft nodes per step; None = chosen for this
+        hardware from measured verify costs. `typical`: Medusa's lossy acceptance (opt-in)."""
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
         generator = None
         if seed is not None:
-            generator = torch.Generator(device=self.backbone.device).manual_seed(seed)
+            generator = torch.Generator(device="cpu").manual_seed(seed)
         self.last_stats = GenerationStats()
-        return generate_plain(self.backbone, prompt_ids, max_new_tokens, params, self.stop_ids,
-                              generator, self.max_positions, self.last_stats)
+        if isinstance(draft, str):
+            draft = make_drafter(draft, self)
+        if draft is None:
+            return generate_plain(self.backbone, prompt_ids, max_new_tokens, params, self.stop_ids,
+                                  generator, self.max_positions, self.last_stats)
+        adaptive = None
+        if tree_size is None:
+            adaptive = AdaptiveBudget(self.cost_curve(), MAX_TREE_SIZE)
+        return generate_speculative(self.backbone, draft, prompt_ids, max_new_tokens, params,
+                                    self.stop_ids, generator, self.max_positions,
+                                    tree_size or MAX_TREE_SIZE, typical, adaptive, self.last_stats)
+
+    def cost_curve(self) -> CostCurve:
+        """Verify cost per tree size on this model/device/dtype, measured once and cached."""
+        if self._cost_curve is None:
+            b = self.backbone
+            key = (f"{self.fingerprint}-{type(b).__name__}-{b.device.type}-"
+                   f"{str(b.dtype).removeprefix('torch.')}-t{torch.get_num_threads()}")
+            self._cost_curve = cached_cost_curve(b, key, cache_root() / "costs")
+        return self._cost_curve
 
     def stream(self, prompt: str | list[dict], max_new_tokens: int = 256, chat: bool | None = None,
-               system: str | None = None, **sampling) -> Iterator[str]:
-        """Yield text pieces as they are generated (stop tokens are not shown)."""
+               system: str | None = None, **options) -> Iterator[str]:
+        """Yield text pieces as they are generated (stop tokens are not shown); `options` are
+        those of `generate_ids` (sampling, draft, tree_size, typical)."""
         detok = Detokenizer(self.tokenizer)
         for token in self.generate_ids(self.encode(prompt, chat, system), max_new_tokens,
-                                       **sampling):
+                                       **options):
             if token not in self.stop_ids:
                 yield detok.add(token)
 
@@ -123,12 +159,6 @@ def load(model: str | None = None, device: str = "cpu", dtype: str | torch.dtype
     """Load a model by spec: None/"smollm2-135m-instruct" (embedded default), a .gguf file, or a
     Hugging Face folder. `runtime`: "lean" (our Llama-family runtime), "hf" (the generic
     transformers adapter) or "auto" (lean when the architecture allows)."""
-    from .models.hf_adapter import HFBackbone
-    from .models.llama import build_llama
-    from .models.config import LlamaConfig
-    from .models.sources import load_tokenizer, load_weights, resolve_model
-    import json
-
     if runtime not in ("auto", "lean", "hf"):
         raise HastenError(f"unknown runtime {runtime!r}; choose auto, lean or hf")
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
@@ -145,7 +175,8 @@ def load(model: str | None = None, device: str = "cpu", dtype: str | torch.dtype
     else:
         backbone = HFBackbone.from_folder(resolved.folder, torch_dtype, torch_device)
         max_positions = config.get("max_position_embeddings") or 4096
-    return Model(backbone, tokenizer, resolved.name, max_positions, stop_ids(config, tokenizer))
+    return Model(backbone, tokenizer, resolved.name, max_positions, stop_ids(config, tokenizer),
+                 fingerprint=resolved.folder.name)
 
 
 def stop_ids(config: dict, tokenizer) -> tuple[int, ...]:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from .drafters import make_drafter
 from .errors import HastenError
 
 MODEL_HELP = ("model: 'smollm2-135m-instruct' (embedded default), a .gguf file, or a Hugging Face "
@@ -23,6 +24,25 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="lean: our Llama-family runtime; hf: generic transformers adapter; "
                         "auto: lean when the architecture allows (default)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+
+
+def add_draft_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft", default="none", choices=("none", "lookup", "model"),
+                   help="speculative drafter: none (plain decoding), lookup (n-grams of the prompt "
+                        "and output so far), model (a draft model, or the target's own first "
+                        "layers); output is unchanged, only speed differs")
+    p.add_argument("--tree-size", type=int, default=None,
+                   help="draft tokens verified per step (default: chosen for this hardware from "
+                        "measured verify costs and the observed acceptance)")
+    p.add_argument("--draft-model", default=None,
+                   help="with --draft model: a smaller model sharing the tokenizer (default: "
+                        "self-draft from the target's first --draft-layers layers)")
+    p.add_argument("--draft-layers", type=int, default=None,
+                   help="layers of the self-draft (default: a quarter of the target's)")
+    p.add_argument("--draft-depth", type=int, default=4, help="tokens a draft model proposes per step")
+    p.add_argument("--typical", action="store_true",
+                   help="Medusa's typical acceptance when sampling: faster but LOSSY (the output "
+                        "no longer follows the model's distribution)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    add_draft_args(g)
     g.add_argument("--stats", action="store_true", help="print a statistics summary to stderr")
     g.add_argument("--stats-json", action="store_true", help="print statistics as JSON to stderr")
 
@@ -77,13 +98,17 @@ def load_model(args):
 def cmd_generate(args) -> None:
     if args.max_new_tokens < 1:
         raise HastenError("--max-new-tokens must be at least 1")
+    if args.tree_size is not None and args.tree_size < 0:
+        raise HastenError("--tree-size must be >= 0")
     prompt = read_prompt(args.prompt)
     t0 = time.perf_counter()
     model = load_model(args)
+    drafter = make_drafter(args.draft, model, args.draft_model, args.draft_layers, args.draft_depth)
     load_s = time.perf_counter() - t0
     for piece in model.stream(prompt, max_new_tokens=args.max_new_tokens, chat=False if args.raw else None,
                               system=args.system, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, seed=args.seed):
+                              top_k=args.top_k, seed=args.seed, draft=drafter,
+                              tree_size=args.tree_size, typical=args.typical):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -97,6 +122,11 @@ def cmd_generate(args) -> None:
               f"(decode {stats.decode_tokens_per_second:.1f} tok/s), time to first token "
               f"{stats.time_to_first_token * 1000:.0f} ms, load {load_s:.1f} s, "
               f"finish: {stats.finish_reason}", file=sys.stderr)
+        if drafter is not None:
+            print(f"[{args.draft}] {stats.steps} steps, {stats.mean_accepted:.2f} tokens per step, "
+                  f"accepted lengths {stats.accepted_histogram()}, time draft "
+                  f"{stats.draft_time:.2f} s / verify {stats.verify_time:.2f} s / accept "
+                  f"{stats.accept_time:.2f} s", file=sys.stderr)
 
 
 def cmd_bench(args) -> None:
