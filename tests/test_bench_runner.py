@@ -35,7 +35,13 @@ def test_speedup_is_per_prompt_then_median_and_mismatches_are_counted():
     assert s["base"]["mismatches_vs_base"] == 0
     assert s["fast"]["median_tokens_per_second"] == 4.0  # 4, 8, 2 tok/s
     table = markdown_table(s, "base")
-    assert "| fast | 4.0 | 2.00x (1.00-4.00) | 1/3 |" in table
+    assert "| fast | 4.0 | 2.00x (1.00-4.00) | - | 1/3 |" in table
+
+
+def test_mean_accepted_counts_tokens_after_the_first_per_step():
+    r = MethodResult("spec", tokens=[[1, 2, 3, 4, 5], [1, 2, 3]], seconds=[1.0, 1.0], steps=[2, 2])
+    assert r.mean_accepted == (4 + 2) / 4
+    assert MethodResult("x", tokens=[[1]], seconds=[1.0], steps=[None]).mean_accepted is None
 
 
 def test_report_written_atomically(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -72,9 +73,11 @@ class Detokenizer:
 
 class Model:
     def __init__(self, backbone: Backbone, tokenizer, name: str, max_positions: int,
-                 stop_ids: tuple[int, ...], fingerprint: str = ""):
+                 stop_ids: tuple[int, ...], folder: Path | None = None):
         self.backbone = backbone
-        self.fingerprint = fingerprint or name  # identifies the weights (cache keys)
+        self.folder = folder  # the resolved Hugging Face-format folder the weights came from
+        # Identifies the weights in cache keys: cache entries are named by content hash.
+        self.fingerprint = folder.name if folder else name
         self._cost_curve: CostCurve | None = None
         self.tokenizer = tokenizer
         self.name = name
@@ -176,7 +179,7 @@ def load(model: str | None = None, device: str = "cpu", dtype: str | torch.dtype
         backbone = HFBackbone.from_folder(resolved.folder, torch_dtype, torch_device)
         max_positions = config.get("max_position_embeddings") or 4096
     return Model(backbone, tokenizer, resolved.name, max_positions, stop_ids(config, tokenizer),
-                 fingerprint=resolved.folder.name)
+                 folder=resolved.folder)
 
 
 def stop_ids(config: dict, tokenizer) -> tuple[int, ...]:

@@ -65,14 +65,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats", action="store_true", help="print a statistics summary to stderr")
     g.add_argument("--stats-json", action="store_true", help="print statistics as JSON to stderr")
 
-    b = sub.add_parser("bench", help="benchmark: our plain decoding vs transformers generate()",
-                       description="Run methods interleaved on the same prompts in one process; "
-                                   "print medians and ratios, write JSON + Markdown.")
+    b = sub.add_parser("bench", help="benchmark methods side by side, interleaved in one process",
+                       description="Run methods interleaved on the same prompts in one process after "
+                                   "a warm-up; print median tokens/s, per-prompt speedups vs plain, "
+                                   "tokens per step and output mismatches; write JSON + Markdown.")
     add_model_args(b)
-    b.add_argument("--limit", type=int, default=6, help="number of built-in prompts (default 6)")
+    b.add_argument("--methods", default="plain,hf,lookup",
+                   help="comma-separated: plain, lookup, model (ours), hf, hf-lookup "
+                        "(transformers generate) (default: plain,hf,lookup)")
+    b.add_argument("--prompts", default="chat", choices=("chat", "edit"),
+                   help="built-in prompt set: chat (open questions) or edit (answers repeat the "
+                        "input: rewriting code and text)")
+    b.add_argument("--limit", type=int, default=6, help="number of prompts (default 6)")
     b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--ignore-eos", action="store_true",
+                   help="always generate --max-new-tokens tokens (same work for every method)")
+    b.add_argument("--tree-size", type=int, default=None,
+                   help="draft tokens per step for speculative methods (default: adaptive)")
     b.add_argument("--output", type=Path, default=None,
-                   help="JSON report path (default: bench-results/plain-<time>.json)")
+                   help="JSON report path (default: bench-results/bench-<time>.json; a .md table "
+                        "is written beside it)")
     return parser
 
 
@@ -130,15 +142,35 @@ def cmd_generate(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench.plain import run_plain_bench
-    from .bench.prompts import BUILTIN_PROMPTS
-    from .models.sources import resolve_model
+    from .bench.methods import build_methods
+    from .bench.prompts import PROMPT_SETS
+    from .bench.runner import machine_info, markdown_table, run_interleaved, summarize, write_report
+    if args.limit < 1 or args.max_new_tokens < 1:
+        raise HastenError("--limit and --max-new-tokens must be at least 1")
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if "plain" not in names:
+        names.insert(0, "plain")  # every speedup and every correctness check is against plain
     model = load_model(args)
-    folder = resolve_model(args.model, progress=False).folder
-    output = args.output or Path("bench-results") / f"plain-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    settings = {"max_new_tokens": args.max_new_tokens, "limit": args.limit, "dtype": args.dtype,
-                "device": args.device, "runtime": args.runtime}
-    run_plain_bench(model, folder, BUILTIN_PROMPTS[:args.limit], args.max_new_tokens, output, settings)
+    prompts = PROMPT_SETS[args.prompts][:args.limit]
+    methods = build_methods(names, model, model.folder, args.max_new_tokens, stop=not args.ignore_eos,
+                            tree_size=args.tree_size)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log(f"bench: {len(prompts)} prompts x {len(methods)} methods ({', '.join(methods)}), "
+        f"up to {args.max_new_tokens} new tokens, greedy")
+    started = time.time()
+    results = run_interleaved(methods, [model.encode(p) for p in prompts], progress=log)
+    summary = summarize(results, baseline="plain")
+    output = args.output or Path("bench-results") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    settings = {k: getattr(args, k) for k in ("methods", "prompts", "limit", "max_new_tokens",
+                                              "ignore_eos", "tree_size", "dtype", "device", "runtime")}
+    report = {"model": model.name, "settings": settings, "machine": machine_info(),
+              "started": started, "seconds": round(time.time() - started, 1), "prompts": prompts,
+              "summary": summary, "outputs": {n: r.tokens for n, r in results.items()}}
+    write_report(output, report)
+    table = markdown_table(summary, "plain")
+    output.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    log(f"bench: report written to {output} (+ .md)")
 
 
 def main(argv: list[str] | None = None) -> int:

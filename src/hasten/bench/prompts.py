@@ -17,3 +17,35 @@ BUILTIN_PROMPTS = [
     "What is the difference between a list and a tuple in Python?",
     "Plan a three-day trip to Rome with a modest budget.",
 ]
+
+_CODE = '''def mean(values):
+    total = 0
+    for v in values:
+        total = total + v
+    return total / len(values)
+
+
+def variance(values):
+    m = mean(values)
+    total = 0
+    for v in values:
+        total = total + (v - m) ** 2
+    return total / len(values)
+'''
+
+_TEXT = ("The city council met on Tuesday to discuss the new bicycle lanes on Main Street. "
+         "Several shop owners said the lanes had reduced parking and hurt their business, while "
+         "cyclists said the lanes had made the street much safer. The council agreed to collect "
+         "traffic data for three more months before deciding whether to keep the lanes.")
+
+# Prompts whose answers repeat much of the input: where lookup drafting shines.
+EDIT_PROMPTS = [
+    f"Add type hints to this Python code and return the whole code:\n\n{_CODE}",
+    f"Rename the variable `total` to `acc` in this code and return the whole code:\n\n{_CODE}",
+    f"Add a docstring to each function in this code and return the whole code:\n\n{_CODE}",
+    f"Repeat this paragraph, but replace 'council' with 'committee':\n\n{_TEXT}",
+    f"Fix any grammar problems and return the full text:\n\n{_TEXT}",
+    f"Quote the following text exactly, then give it a title:\n\n{_TEXT}",
+]
+
+PROMPT_SETS = {"chat": BUILTIN_PROMPTS, "edit": EDIT_PROMPTS}

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-Method = Callable[[list[int]], tuple[list[int], float]]
+# A method returns (new token ids, seconds) or (new token ids, seconds, {"steps": decode steps}).
+Method = Callable[[list[int]], tuple]
 
 
 @dataclass
@@ -28,6 +29,14 @@ class MethodResult:
     name: str
     tokens: list[list[int]] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    steps: list[int | None] = field(default_factory=list)  # decode steps, where the method says
+
+    @property
+    def mean_accepted(self) -> float | None:
+        """Tokens gained per decode step (the first token comes from prefill, not a step)."""
+        if not self.steps or None in self.steps or sum(self.steps) == 0:
+            return None
+        return sum(len(t) - 1 for t in self.tokens) / sum(self.steps)
 
     @property
     def tokens_per_second(self) -> list[float]:
@@ -49,9 +58,10 @@ def run_interleaved(methods: dict[str, Method], prompts: list[list[int]], warmup
     results = {name: MethodResult(name) for name in names}
     for i, prompt in enumerate(prompts):
         for name in rotation(names, i):
-            tokens, seconds = methods[name](prompt)
+            tokens, seconds, *info = methods[name](prompt)
             results[name].tokens.append(list(tokens))
             results[name].seconds.append(seconds)
+            results[name].steps.append(info[0].get("steps") if info else None)
         if progress:
             progress(f"prompt {i + 1}/{len(prompts)}: " + ", ".join(
                 f"{n} {results[n].tokens_per_second[-1]:.1f} tok/s" for n in names))
@@ -71,6 +81,7 @@ def summarize(results: dict[str, MethodResult], baseline: str) -> dict[str, dict
             "speedup_vs_" + baseline: {"median": statistics.median(ratios), "min": min(ratios),
                                        "max": max(ratios)},
             "mismatches_vs_" + baseline: sum(a != b for a, b in zip(r.tokens, base.tokens)),
+            "mean_accepted_per_step": r.mean_accepted,
             "prompts": len(r.tokens),
         }
     return out
@@ -83,13 +94,14 @@ def machine_info() -> dict:
 
 
 def markdown_table(summary: dict[str, dict], baseline: str) -> str:
-    lines = [f"| method | median tok/s | speedup vs {baseline} (median, min-max) | outputs differing |",
-             "|---|---:|---:|---:|"]
+    lines = [f"| method | median tok/s | speedup vs {baseline} (median, min-max) | "
+             "tokens per step | outputs differing |", "|---|---:|---:|---:|---:|"]
     for name, s in summary.items():
         sp = s["speedup_vs_" + baseline]
+        acc = s.get("mean_accepted_per_step")
         lines.append(f"| {name} | {s['median_tokens_per_second']:.1f} | {sp['median']:.2f}x "
-                     f"({sp['min']:.2f}-{sp['max']:.2f}) | {s['mismatches_vs_' + baseline]}"
-                     f"/{s['prompts']} |")
+                     f"({sp['min']:.2f}-{sp['max']:.2f}) | {'-' if acc is None else f'{acc:.2f}'} | "
+                     f"{s['mismatches_vs_' + baseline]}/{s['prompts']} |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,75 @@
+"""The methods `hasten bench` compares, each a function `prompt ids -> (new ids, seconds)`.
+
+- `plain`: our runtime, plain decoding (the baseline every speedup is measured against)
+- `lookup`, `model`: our speculative engine with that drafter (must match `plain` exactly)
+- `hf`: `transformers` `generate()` on the same weights folder, greedy
+- `hf-lookup`: `generate(prompt_lookup_num_tokens=...)`, transformers' own prompt lookup
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..api import Model
+from ..drafters import make_drafter
+from ..errors import HastenError
+from .runner import Method, timed
+
+METHODS = ("plain", "lookup", "model", "hf", "hf-lookup")
+
+
+def ours(model: Model, draft: str | None, max_new_tokens: int, stop: bool,
+         tree_size: int | None) -> Method:
+    drafter = make_drafter(draft, model) if draft else None
+
+    def run(prompt: list[int]):
+        stop_ids, model.stop_ids = model.stop_ids, (model.stop_ids if stop else ())
+        try:
+            tokens, seconds = timed(lambda: list(model.generate_ids(
+                prompt, max_new_tokens, draft=drafter, tree_size=tree_size)))
+        finally:
+            model.stop_ids = stop_ids
+        return tokens, seconds, {"steps": model.last_stats.steps}
+    return run
+
+
+def transformers_generate(hf_model, max_new_tokens: int, stop_ids: tuple[int, ...],
+                          lookup_tokens: int = 0) -> Method:
+    def run(prompt: list[int]):
+        ids = torch.tensor([prompt], device=hf_model.device)
+        extra = {"prompt_lookup_num_tokens": lookup_tokens} if lookup_tokens else {}
+        if stop_ids:
+            extra["eos_token_id"] = list(stop_ids)
+        else:
+            extra["min_new_tokens"] = max_new_tokens
+
+        def gen():
+            out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                    max_new_tokens=max_new_tokens, pad_token_id=0, **extra)
+            return out[0, len(prompt):].tolist()
+        return timed(gen)
+    return run
+
+
+def build_methods(names: list[str], model: Model, folder: Path, max_new_tokens: int,
+                  stop: bool = True, tree_size: int | None = None) -> dict[str, Method]:
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise HastenError(f"unknown bench methods {unknown}; choose from {', '.join(METHODS)}")
+    methods: dict[str, Method] = {}
+    hf_model = None
+    for name in names:
+        if name in ("plain", "lookup", "model"):
+            draft = None if name == "plain" else name
+            methods[name] = ours(model, draft, max_new_tokens, stop, tree_size)
+            continue
+        if hf_model is None:
+            from transformers import AutoModelForCausalLM
+            hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=model.backbone.dtype)
+            hf_model = hf_model.to(model.backbone.device).eval()
+        stop_ids = model.stop_ids if stop else ()
+        methods[name] = transformers_generate(hf_model, max_new_tokens, stop_ids,
+                                              lookup_tokens=10 if name == "hf-lookup" else 0)
+    return methods
