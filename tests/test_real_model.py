@@ -1,0 +1,68 @@
+"""Integration tests on the real embedded model (SmolLM2-135M-Instruct, float32)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hasten
+from hasten.bench.prompts import EDIT_PROMPTS
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+           "List three uses of a paperclip."]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return hasten.load()
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(model.folder, dtype=torch.float32).eval()
+
+
+def test_greedy_is_token_identical_to_transformers_generate(model, reference):
+    for prompt in PROMPTS:
+        ids = model.encode(prompt)
+        ours = list(model.generate_ids(ids, 32))
+        out = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 do_sample=False, max_new_tokens=32, eos_token_id=list(model.stop_ids),
+                                 pad_token_id=0)
+        assert ours == out[0, len(ids):].tolist(), prompt
+
+
+def test_speculative_drafters_reproduce_plain_greedy(model):
+    ids = model.encode(EDIT_PROMPTS[1])
+    want = list(model.generate_ids(ids, 48))
+    for draft in ("lookup", "model"):
+        assert list(model.generate_ids(ids, 48, draft=draft, tree_size=6)) == want, draft
+    assert list(model.generate_ids(ids, 48, draft="lookup")) == want  # adaptive tree size
+    assert model.last_stats.mean_accepted > 1.0  # the answer repeats the prompt's code
+
+
+def test_chat_template_is_applied_by_default(model):
+    ids = model.encode("hi")
+    text = model.tokenizer.decode(ids)
+    assert "<|im_start|>user\nhi<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
+    assert model.encode("hi", chat=False) == model.tokenizer.encode("hi")
+
+
+def test_cli_writes_only_the_text_to_stdout():
+    run = subprocess.run([sys.executable, "-m", "hasten.cli", "generate", "-n", "12", "--stats",
+                          "What is the capital of France?"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "Paris" in run.stdout
+    assert "tok/s" in run.stderr and "tok/s" not in run.stdout
+
+
+def test_cli_reports_bad_model_path_without_traceback():
+    run = subprocess.run([sys.executable, "-m", "hasten.cli", "generate", "--model", "/no/such.gguf", "hi"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert "hasten: error:" in run.stderr and "Traceback" not in run.stderr
