@@ -71,6 +71,9 @@ def resolve_model(spec: str | os.PathLike | None = None, progress: bool = True) 
     if spec is None or str(spec) == DEFAULT_MODEL:
         folder = _gguf_entry(default_gguf_path(progress), progress)
         return _resolved(folder, DEFAULT_MODEL, "default")
+    if str(spec) == "gemma3-270m":  # a second real model, for the generic adapter
+        from .gemma_package import gemma3_gguf_path
+        return _resolved(_gguf_entry(gemma3_gguf_path(progress), progress), str(spec), "gguf")
     path = Path(spec).expanduser()
     if path.is_dir():
         _check_hf_folder(path)
@@ -79,8 +82,9 @@ def resolve_model(spec: str | os.PathLike | None = None, progress: bool = True) 
         return _resolved(_gguf_entry(path, progress), path.name.removesuffix(".gguf"), "gguf")
     if os.sep in str(spec) or "/" in str(spec) or str(spec).endswith(".gguf"):
         raise ModelSourceError(f"model path {str(spec)!r} does not exist; check the path")
-    raise ModelSourceError(f"unknown model {str(spec)!r}: give {DEFAULT_MODEL!r}, a path to a "
-                           ".gguf file, or a Hugging Face model folder (config.json + safetensors)")
+    raise ModelSourceError(f"unknown model {str(spec)!r}: give {DEFAULT_MODEL!r}, 'gemma3-270m', "
+                           "a path to a .gguf file, or a Hugging Face model folder "
+                           "(config.json + safetensors)")
 
 
 def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
