@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output", type=Path, default=None,
                    help="JSON report path (default: bench-results/bench-<time>.json; a .md table "
                         "is written beside it)")
+    from .server import add_serve_parser
+    add_serve_parser(sub)
     return parser
 
 
@@ -178,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import transformers
         transformers.logging.set_verbosity_error()
-        {"generate": cmd_generate, "bench": cmd_bench}[args.command](args)
+        from .server import cmd_serve
+        {"generate": cmd_generate, "bench": cmd_bench, "serve": cmd_serve}[args.command](args)
     except HastenError as e:
         print(f"hasten: error: {e}", file=sys.stderr)
         return 2

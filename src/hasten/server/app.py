@@ -1,0 +1,282 @@
+"""The FastAPI application: OpenAI-compatible routes in front of the one-slot `Engine`.
+
+    POST /v1/chat/completions   POST /v1/completions   (stream: true for server-sent events)
+    GET  /v1/models             GET  /v1/models/{id}   GET /health (never needs the API key)
+
+Extra request fields: `draft` ("none", "lookup", "model"; default: the server's drafter),
+`tree_size` (draft nodes per step; default: the server's) and `top_k`. Every answer carries a
+`hasten` object with the speculative statistics (steps, mean accepted tokens per step, tokens/s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import sys
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+import jinja2
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import HastenError
+from . import protocol as wire
+from .engine import Engine, Job, Outcome
+from .protocol import APIError, error_body
+
+DEFAULT_ALIAS = "default"
+
+
+class Gate:
+    """ASGI middleware: refuses requests without the API key (when one is set) and logs one
+    line per request to stderr once its response has ended (streams included)."""
+
+    def __init__(self, app, api_key: str | None, log: bool):
+        self.app, self.api_key, self.log = app, api_key, log
+
+    def authorized(self, scope) -> bool:
+        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                                  self.api_key.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [0]
+        state = scope.setdefault("state", {})
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if self.api_key and scope["path"] != "/health" and not self.authorized(scope):
+                state["hasten_log"] = "missing or wrong API key"
+                response = JSONResponse(error_body("Incorrect or missing API key: send "
+                                                   "'Authorization: Bearer <key>'",
+                                                   code="invalid_api_key"),
+                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send_and_note)
+            else:
+                await self.app(scope, receive, send_and_note)
+        finally:
+            if self.log:
+                client = scope.get("client") or ("-", 0)
+                print(f"hasten serve: {client[0]} \"{scope['method']} {scope['path']}\" "
+                      f"{status[0] or 500} {time.perf_counter() - start:.3f}s "
+                      f"{state.get('hasten_log', '')}".rstrip(), file=sys.stderr, flush=True)
+
+
+def describe(outcome: Outcome | None, prompt_tokens: int) -> str:
+    if outcome is None:
+        return f"prompt={prompt_tokens} client disconnected"
+    s = outcome.stats
+    return (f"prompt={prompt_tokens} completion={outcome.completion_tokens} "
+            f"finish={outcome.finish_reason} draft={outcome.draft} steps={s.steps} "
+            f"accepted/step={s.mean_accepted:.2f} {s.tokens_per_second:.1f}tok/s "
+            f"queue={outcome.queue_time:.2f}s")
+
+
+def generation_error(e: Exception) -> APIError:
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, HastenError):
+        return APIError(400, str(e))
+    return APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")
+
+
+async def read_json(request: Request) -> dict:
+    raw = await request.body()
+    if not raw.strip():
+        raise APIError(400, "the request body is empty; send a JSON object")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"malformed JSON in the request body: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {wire._type_name(body)}",
+                       code="invalid_json")
+    return body
+
+
+def create_app(model, api_key: str | None = None, default_draft=None, *,
+               tree_size: int | None = None, typical: bool = False,
+               draft_options: dict | None = None, log: bool = True) -> FastAPI:
+    """An OpenAI-compatible app serving `model` (a `hasten.api.Model`) one request at a time.
+
+    `default_draft`: drafter name ("none", "lookup", "model") or a built drafter, used when a
+    request names none. `tree_size`: draft nodes per step (None: adaptive). `draft_options`:
+    passed to `make_drafter` when a request asks for a drafter not built yet."""
+    engine = Engine(model, default_draft, tree_size, typical, draft_options)
+    names = (model.name, DEFAULT_ALIAS)
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="hasten", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.engine = engine
+    app.add_middleware(Gate, api_key=api_key or None, log=log)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        request.state.hasten_log = f"{e.type}: {e.message}"
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        return JSONResponse(error_body(str(e.detail)), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception):
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"),
+                            status_code=500)
+
+    def card() -> dict:
+        return {"id": model.name, "object": "model", "created": started, "owned_by": "hasten",
+                "max_model_len": model.max_positions}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model.name, "busy": engine.current is not None,
+                "queued": engine.queued, "served": engine.served}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        if model_id not in names:
+            raise unknown_model(model_id)
+        return card()
+
+    def unknown_model(name: str) -> APIError:
+        return APIError(404, f"The model {name!r} does not exist; this server serves "
+                        f"{model.name!r} (alias {DEFAULT_ALIAS!r})", param="model",
+                        code="model_not_found")
+
+    def encode(body: dict, chat: bool) -> list[int]:
+        if chat:
+            messages = wire.get_messages(body)
+        else:
+            prompt = wire.get_prompt(body)
+            if isinstance(prompt, list):
+                vocab = len(model.tokenizer)
+                if any(not 0 <= t < vocab for t in prompt):
+                    raise APIError(400, f"token ids in 'prompt' must be in [0, {vocab})",
+                                   param="prompt", code="invalid_value")
+                return prompt
+        try:
+            return model.encode(messages) if chat else model.encode(prompt, chat=False)
+        except (HastenError, jinja2.TemplateError, ValueError, TypeError) as e:
+            raise APIError(400, f"cannot encode the {'messages' if chat else 'prompt'}: {e}",
+                           param="messages" if chat else "prompt") from None
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await complete(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await complete(request, chat=False)
+
+    async def complete(request: Request, chat: bool):
+        body = await read_json(request)
+        name = body.get("model")
+        if name is not None and not isinstance(name, str):
+            raise wire._wrong_type("model", "a string", name)
+        if name is not None and name not in names:
+            raise unknown_model(name)
+        opts = wire.get_options(body, chat, model.max_positions)
+        ids = encode(body, chat)
+        param = "messages" if chat else "prompt"
+        if not ids:
+            raise APIError(400, f"the {param} is empty", param=param, code="invalid_value")
+        if len(ids) >= model.max_positions:
+            raise APIError(400, f"This model's maximum context length is {model.max_positions} "
+                           f"tokens; the {'chat ' if chat else ''}prompt has {len(ids)}. "
+                           "Shorten it.", param=param,
+                           code="context_length_exceeded")
+        room = model.max_positions - len(ids)
+        job = Job(ids, min(opts.max_tokens or room, room), opts.temperature, opts.top_p,
+                  opts.top_k, opts.seed, opts.draft, opts.tree_size, opts.stop,
+                  loop=asyncio.get_running_loop(), events=asyncio.Queue())
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        request.state.hasten_log = f"prompt={len(ids)} queued"
+        engine.submit(job)
+        if opts.stream:
+            return StreamingResponse(stream(chat, rid, created, job, opts, request),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
+        parts, outcome = [], None
+        try:
+            async for kind, value in job.events_until_done():
+                if kind == "text":
+                    parts.append(value)
+                elif kind == "error":
+                    raise generation_error(value)
+                else:
+                    outcome = value
+        finally:
+            watcher.cancel()
+            job.cancel()  # no-op when done; stops generating if this handler was interrupted
+            request.state.hasten_log = describe(outcome, len(ids))
+        return wire.completion(chat, rid, created, model.name, "".join(parts),
+                               outcome.finish_reason, wire.usage(len(ids), outcome.completion_tokens),
+                               outcome.hasten_stats())
+
+    async def cancel_on_disconnect(request: Request, job: Job):
+        while not job.cancelled.is_set():
+            if await request.is_disconnected():
+                job.cancel()
+                return
+            await asyncio.sleep(0.1)
+
+    async def stream(chat: bool, rid: str, created: int, job: Job, opts: wire.Options,
+                     request: Request):
+        def event(obj) -> str:
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+        outcome = None
+        try:
+            if chat:
+                yield event(wire.chunk(chat, rid, created, model.name, first=True))
+            async for kind, value in job.events_until_done():
+                if kind == "text":
+                    yield event(wire.chunk(chat, rid, created, model.name, text=value))
+                elif kind == "error":
+                    e = generation_error(value)
+                    request.state.hasten_log = f"{e.type} mid-stream: {e.message}"
+                    yield event(e.body())
+                else:
+                    outcome = value
+                    usage = wire.usage(len(job.prompt_ids), outcome.completion_tokens)
+                    extra = {"hasten": outcome.hasten_stats()}
+                    if not opts.include_usage:
+                        extra["usage"] = usage
+                    yield event(wire.chunk(chat, rid, created, model.name,
+                                           finish=outcome.finish_reason, **extra))
+                    if opts.include_usage:
+                        yield event({"id": rid, "object": "chat.completion.chunk" if chat
+                                     else "text_completion", "created": created,
+                                     "model": model.name, "choices": [], "usage": usage})
+            yield "data: [DONE]\n\n"
+        finally:  # runs on normal end and when the client disconnects (the stream is cancelled)
+            job.cancel()
+            if outcome is not None or "mid-stream" not in request.state.hasten_log:
+                request.state.hasten_log = describe(outcome, len(job.prompt_ids))
+
+    return app
