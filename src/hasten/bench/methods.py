@@ -1,7 +1,7 @@
 """The methods `hasten bench` compares, each a function `prompt ids -> (new ids, seconds)`.
 
 - `plain`: our runtime, plain decoding (the baseline every speedup is measured against)
-- `lookup`, `model`: our speculative engine with that drafter (must match `plain` exactly)
+- `lookup`, `model`, `rest`: our speculative engine with that drafter (must match `plain`)
 - `hf`: `transformers` `generate()` on the same weights folder, greedy
 - `hf-lookup`: `generate(prompt_lookup_num_tokens=...)`, transformers' own prompt lookup
 """
@@ -17,12 +17,10 @@ from ..drafters import make_drafter
 from ..errors import HastenError
 from .runner import Method, timed
 
-METHODS = ("plain", "lookup", "model", "hf", "hf-lookup")
+METHODS = ("plain", "lookup", "model", "rest", "hf", "hf-lookup")
 
 
-def ours(model: Model, draft: str | None, max_new_tokens: int, stop: bool,
-         tree_size: int | None) -> Method:
-    drafter = make_drafter(draft, model) if draft else None
+def ours(model: Model, drafter, max_new_tokens: int, stop: bool, tree_size: int | None) -> Method:
 
     def run(prompt: list[int]):
         stop_ids, model.stop_ids = model.stop_ids, (model.stop_ids if stop else ())
@@ -54,16 +52,17 @@ def transformers_generate(hf_model, max_new_tokens: int, stop_ids: tuple[int, ..
 
 
 def build_methods(names: list[str], model: Model, folder: Path, max_new_tokens: int,
-                  stop: bool = True, tree_size: int | None = None) -> dict[str, Method]:
+                  stop: bool = True, tree_size: int | None = None,
+                  datastore: str | None = None) -> dict[str, Method]:
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise HastenError(f"unknown bench methods {unknown}; choose from {', '.join(METHODS)}")
     methods: dict[str, Method] = {}
     hf_model = None
     for name in names:
-        if name in ("plain", "lookup", "model"):
-            draft = None if name == "plain" else name
-            methods[name] = ours(model, draft, max_new_tokens, stop, tree_size)
+        if name in ("plain", "lookup", "model", "rest"):
+            drafter = None if name == "plain" else make_drafter(name, model, datastore=datastore)
+            methods[name] = ours(model, drafter, max_new_tokens, stop, tree_size)
             continue
         if hf_model is None:
             from transformers import AutoModelForCausalLM

