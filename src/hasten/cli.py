@@ -90,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output", type=Path, default=None,
                    help="JSON report path (default: bench-results/bench-<time>.json; a .md table "
                         "is written beside it)")
+    from .datastore import add_datastore_parser
     from .server import add_serve_parser
     add_serve_parser(sub)
+    add_datastore_parser(sub)
     return parser
 
 
@@ -186,8 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import transformers
         transformers.logging.set_verbosity_error()
+        from .datastore import cmd_datastore
         from .server import cmd_serve
-        {"generate": cmd_generate, "bench": cmd_bench, "serve": cmd_serve}[args.command](args)
+        commands = {"generate": cmd_generate, "bench": cmd_bench, "serve": cmd_serve,
+                    "datastore": cmd_datastore}
+        commands[args.command](args)
     except HastenError as e:
         print(f"hasten: error: {e}", file=sys.stderr)
         return 2
