@@ -66,17 +66,40 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+class Dense(nn.Module):
+    """`x @ W.T + b` with W stored transposed, as [in, out].
+
+    On a CPU, MKL multiplies a few rows by a matrix in this layout several times faster than
+    by nn.Linear's [out, in] layout (measured 3-8x for 4-16 rows on this model's shapes; equal
+    for one row), and a few rows is exactly what verifying a draft tree feeds.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.weight_t = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """[out, in], as nn.Linear has it (a view)."""
+        return self.weight_t.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(x, self.weight_t)
+        return y if self.bias is None else y + self.bias
+
+
 class Block(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, kv = self.n_heads * self.hd, self.n_kv * self.hd
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.wqkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)
-        self.wo = nn.Linear(q, cfg.hidden_size, bias=False)
+        self.wqkv = Dense(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)
+        self.wo = Dense(q, cfg.hidden_size)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.w_gate_up = Dense(cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.w_down = Dense(cfg.intermediate_size, cfg.hidden_size)
         self.split = (q, kv, kv)
 
     def forward(self, x, cos, sin, k_cache, v_cache, start: int, mask):
@@ -108,9 +131,9 @@ class LlamaModel(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed.weight
+        # Tied embeddings still get their own transposed copy: the embedding lookup wants rows
+        # [vocab, hidden], the LM head matmul wants [hidden, vocab] (see Dense).
+        self.lm_head = Dense(cfg.hidden_size, cfg.vocab_size)
         self.capacity = 0
         self.length = 0
         self._pending = 0
@@ -128,23 +151,24 @@ class LlamaModel(nn.Module):
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Load Hugging Face-named weights (`model.layers.0.self_attn.q_proj.weight`, ...)."""
-        own = {"embed.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
-        if not self.config.tie_word_embeddings:
-            own["lm_head.weight"] = sd["lm_head.weight"]
+        embed = sd["model.embed_tokens.weight"]
+        head = embed if self.config.tie_word_embeddings else sd["lm_head.weight"]
+        own = {"embed.weight": embed, "norm.weight": sd["model.norm.weight"],
+               "lm_head.weight_t": head.t().contiguous()}
         for i in range(self.config.num_layers):
             p = f"model.layers.{i}."
             att, mlp = p + "self_attn.", p + "mlp."
             own[f"blocks.{i}.attn_norm.weight"] = sd[p + "input_layernorm.weight"]
             own[f"blocks.{i}.mlp_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
-            own[f"blocks.{i}.wqkv.weight"] = torch.cat([sd[att + n + "_proj.weight"] for n in "qkv"])
+            qkv = torch.cat([sd[att + n + "_proj.weight"] for n in "qkv"])
+            own[f"blocks.{i}.wqkv.weight_t"] = qkv.t().contiguous()
             if self.config.attention_bias:
                 own[f"blocks.{i}.wqkv.bias"] = torch.cat([sd[att + n + "_proj.bias"] for n in "qkv"])
-            own[f"blocks.{i}.wo.weight"] = sd[att + "o_proj.weight"]
-            own[f"blocks.{i}.w_gate_up.weight"] = torch.cat([sd[mlp + "gate_proj.weight"],
-                                                             sd[mlp + "up_proj.weight"]])
-            own[f"blocks.{i}.w_down.weight"] = sd[mlp + "down_proj.weight"]
+            own[f"blocks.{i}.wo.weight_t"] = sd[att + "o_proj.weight"].t().contiguous()
+            gate_up = torch.cat([sd[mlp + "gate_proj.weight"], sd[mlp + "up_proj.weight"]])
+            own[f"blocks.{i}.w_gate_up.weight_t"] = gate_up.t().contiguous()
+            own[f"blocks.{i}.w_down.weight_t"] = sd[mlp + "down_proj.weight"].t().contiguous()
         missing, unexpected = self.load_state_dict(own, strict=False)
-        missing = [m for m in missing if not (m == "lm_head.weight" and self.config.tie_word_embeddings)]
         if missing or unexpected:
             raise ModelSourceError(f"weights do not fit the config: missing {missing[:4]}, "
                                    f"unexpected {unexpected[:4]}")
@@ -232,7 +256,5 @@ def build_llama(cfg: LlamaConfig, weights: dict[str, torch.Tensor], dtype=torch.
     with torch.device("meta"):
         model = LlamaModel(cfg)
     model = model.to_empty(device=device).to(dtype)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.embed.weight
     model.load_hf_state_dict({k: v.to(dtype) for k, v in weights.items()})
     return model.eval().requires_grad_(False)
