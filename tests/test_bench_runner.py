@@ -39,8 +39,13 @@ def test_speedup_is_per_prompt_then_median_and_mismatches_are_counted():
 
 
 def test_mean_accepted_counts_tokens_after_the_first_per_step():
-    r = MethodResult("spec", tokens=[[1, 2, 3, 4, 5], [1, 2, 3]], seconds=[1.0, 1.0], steps=[2, 2])
+    r = MethodResult("spec")
+    r.add([1, 2, 3, 4, 5], 1.0, {"steps": 2, "ttft": 0.1, "accepted": [3, 1]})
+    r.add([1, 2, 3], 1.0, {"steps": 2, "ttft": 0.3, "accepted": [1, 1]})
     assert r.mean_accepted == (4 + 2) / 4
+    s = summarize({"spec": r}, "spec")["spec"]
+    assert s["accepted_histogram"] == {1: 3, 3: 1}
+    assert abs(s["median_time_to_first_token_s"] - 0.2) < 1e-12
     assert MethodResult("x", tokens=[[1]], seconds=[1.0], steps=[None]).mean_accepted is None
 
 

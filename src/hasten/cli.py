@@ -16,6 +16,9 @@ MODEL_HELP = ("model: 'smollm2-135m-instruct' (embedded default), a .gguf file, 
               "folder (config.json + safetensors + tokenizer)")
 
 
+BENCH_METHODS = "plain,hf,lookup"
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help=MODEL_HELP)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
@@ -73,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a warm-up; print median tokens/s, per-prompt speedups vs plain, "
                                    "tokens per step and output mismatches; write JSON + Markdown.")
     add_model_args(b)
-    b.add_argument("--methods", default="plain,hf,lookup",
+    b.add_argument("--methods", default=BENCH_METHODS,
                    help="comma-separated: plain, lookup, model, rest (ours), hf, hf-lookup "
                         "(transformers generate) (default: plain,hf,lookup)")
     b.add_argument("--dataset", default="chat",
@@ -89,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--datastore", default=None, help="REST datastore for the rest method")
     b.add_argument("--output", type=Path, default=None,
                    help="JSON report path (default: bench-results/bench-<time>.json; a .md table "
-                        "is written beside it)")
+                        "and a .png chart are written beside it)")
+    b.add_argument("--quick", action="store_true",
+                   help="everyday preset, about two minutes here: 3 prompts, 64 new tokens, "
+                        "methods plain,lookup,hf unless --methods is given")
     from .datastore import add_datastore_parser
     from .server import add_serve_parser
     add_serve_parser(sub)
@@ -154,7 +160,12 @@ def cmd_generate(args) -> None:
 def cmd_bench(args) -> None:
     from .bench.methods import build_methods
     from .bench.prompts import load_prompts
+    from .bench.chart import write_chart
     from .bench.runner import machine_info, markdown_table, run_interleaved, summarize, write_report
+    if args.quick:
+        args.limit, args.max_new_tokens = 3, 64
+        if args.methods == BENCH_METHODS:
+            args.methods = "plain,lookup,hf"
     if args.limit < 1 or args.max_new_tokens < 1:
         raise HastenError("--limit and --max-new-tokens must be at least 1")
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -173,14 +184,27 @@ def cmd_bench(args) -> None:
     output = args.output or Path("bench-results") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     settings = {k: getattr(args, k) for k in ("methods", "dataset", "datastore", "limit", "max_new_tokens",
                                               "ignore_eos", "tree_size", "dtype", "device", "runtime")}
+    b = model.backbone
+    memory = {"peak_process_rss_mb": round(peak_rss_mb(), 1),
+              "weights_mb": round(sum(p.numel() * p.element_size() for p in b.parameters()) / 2**20, 1)}
     report = {"model": model.name, "settings": settings, "machine": machine_info(),
-              "started": started, "seconds": round(time.time() - started, 1), "prompts": prompts,
-              "summary": summary, "outputs": {n: r.tokens for n, r in results.items()}}
+              "memory": memory, "started": started, "seconds": round(time.time() - started, 1),
+              "prompts": prompts, "summary": summary,
+              "outputs": {n: r.tokens for n, r in results.items()}}
     write_report(output, report)
     table = markdown_table(summary, "plain")
     output.with_suffix(".md").write_text(table + "\n")
+    charted = write_chart(summary, "plain", output.with_suffix(".png"),
+                          f"{model.name} on {args.dataset}, {len(prompts)} prompts, greedy")
     print(table)
-    log(f"bench: report written to {output} (+ .md)")
+    log(f"bench: report written to {output} (+ .md{', .png' if charted else ''}); peak memory "
+        f"{memory['peak_process_rss_mb']} MB")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (all methods together: they share one process)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -29,7 +30,9 @@ def ours(model: Model, drafter, max_new_tokens: int, stop: bool, tree_size: int 
                 prompt, max_new_tokens, draft=drafter, tree_size=tree_size)))
         finally:
             model.stop_ids = stop_ids
-        return tokens, seconds, {"steps": model.last_stats.steps}
+        stats = model.last_stats
+        return tokens, seconds, {"steps": stats.steps, "ttft": stats.time_to_first_token,
+                                 "accepted": list(stats.accepted)}
     return run
 
 
@@ -43,12 +46,33 @@ def transformers_generate(hf_model, max_new_tokens: int, stop_ids: tuple[int, ..
         else:
             extra["min_new_tokens"] = max_new_tokens
 
+        clock = FirstTokenClock()
+
         def gen():
             out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                    max_new_tokens=max_new_tokens, pad_token_id=0, **extra)
+                                    max_new_tokens=max_new_tokens, pad_token_id=0,
+                                    streamer=clock, **extra)
             return out[0, len(prompt):].tolist()
-        return timed(gen)
+        clock.start = time.perf_counter()
+        tokens, seconds = timed(gen)
+        return tokens, seconds, {"ttft": clock.first - clock.start if clock.first else None}
     return run
+
+
+class FirstTokenClock:
+    """A `generate(streamer=...)` that notes when the first new token arrives (the first
+    `put` carries the prompt)."""
+
+    def __init__(self):
+        self.start, self.first, self.puts = 0.0, None, 0
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
 
 
 def build_methods(names: list[str], model: Model, folder: Path, max_new_tokens: int,

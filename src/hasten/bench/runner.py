@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-# A method returns (new token ids, seconds) or (new token ids, seconds, {"steps": decode steps}).
+# A method returns (new token ids, seconds) or (new token ids, seconds, info), where info may
+# hold "steps" (decode steps), "ttft" (seconds to the first token) and "accepted" (tokens
+# gained at each step).
 Method = Callable[[list[int]], tuple]
 
 
@@ -30,6 +32,15 @@ class MethodResult:
     tokens: list[list[int]] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     steps: list[int | None] = field(default_factory=list)  # decode steps, where the method says
+    ttft: list[float | None] = field(default_factory=list)  # seconds to first token, likewise
+    accepted: list[int] = field(default_factory=list)  # tokens gained per step, all prompts
+
+    def add(self, tokens: list[int], seconds: float, info: dict) -> None:
+        self.tokens.append(list(tokens))
+        self.seconds.append(seconds)
+        self.steps.append(info.get("steps"))
+        self.ttft.append(info.get("ttft"))
+        self.accepted.extend(info.get("accepted", []))
 
     @property
     def mean_accepted(self) -> float | None:
@@ -59,9 +70,7 @@ def run_interleaved(methods: dict[str, Method], prompts: list[list[int]], warmup
     for i, prompt in enumerate(prompts):
         for name in rotation(names, i):
             tokens, seconds, *info = methods[name](prompt)
-            results[name].tokens.append(list(tokens))
-            results[name].seconds.append(seconds)
-            results[name].steps.append(info[0].get("steps") if info else None)
+            results[name].add(tokens, seconds, info[0] if info else {})
         if progress:
             progress(f"prompt {i + 1}/{len(prompts)}: " + ", ".join(
                 f"{n} {results[n].tokens_per_second[-1]:.1f} tok/s" for n in names))
@@ -82,6 +91,9 @@ def summarize(results: dict[str, MethodResult], baseline: str) -> dict[str, dict
                                        "max": max(ratios)},
             "mismatches_vs_" + baseline: sum(a != b for a, b in zip(r.tokens, base.tokens)),
             "mean_accepted_per_step": r.mean_accepted,
+            "median_time_to_first_token_s": (statistics.median(r.ttft) if r.ttft and None not in r.ttft
+                                             else None),
+            "accepted_histogram": {n: r.accepted.count(n) for n in sorted(set(r.accepted))},
             "prompts": len(r.tokens),
         }
     return out
