@@ -128,7 +128,11 @@ class Model:
             return generate_plain(self.backbone, prompt_ids, max_new_tokens, params, self.stop_ids,
                                   generator, self.max_positions, self.last_stats)
         adaptive = None
-        if tree_size is None:
+        if tree_size is None and getattr(draft, "expected_lengths", None):
+            # A static tree with measured expected lengths (Medusa): pick its best size once.
+            from .medusa.tree_search import best_tree_size
+            tree_size = best_tree_size(draft.expected_lengths, self.cost_curve().cost, MAX_TREE_SIZE)
+        elif tree_size is None:
             adaptive = AdaptiveBudget(self.cost_curve(), MAX_TREE_SIZE)
         return generate_speculative(self.backbone, draft, prompt_ids, max_new_tokens, params,
                                     self.stop_ids, generator, self.max_positions,

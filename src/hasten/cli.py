@@ -30,11 +30,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_draft_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--draft", default="none", choices=("none", "lookup", "model", "rest"),
+    p.add_argument("--draft", default="none", choices=("none", "lookup", "model", "rest", "medusa"),
                    help="speculative drafter: none (plain decoding), lookup (n-grams of the prompt "
                         "and output so far), model (a draft model, or the target's own first "
-                        "layers), rest (retrieval from --datastore); output is unchanged, only "
-                        "speed differs")
+                        "layers), rest (retrieval from --datastore), medusa (trained heads); "
+                        "output is unchanged, only speed differs")
+    p.add_argument("--medusa-heads", default=None,
+                   help="with --draft medusa: a heads folder (default: next to the model, else "
+                        "the heads shipped for it)")
     p.add_argument("--datastore", default=None,
                    help="with --draft rest: a datastore built by `hasten datastore build`")
     p.add_argument("--tree-size", type=int, default=None,
@@ -90,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tree-size", type=int, default=None,
                    help="draft tokens per step for speculative methods (default: adaptive)")
     b.add_argument("--datastore", default=None, help="REST datastore for the rest method")
+    b.add_argument("--medusa-heads", default=None, help="heads folder for the medusa method")
     b.add_argument("--output", type=Path, default=None,
                    help="JSON report path (default: bench-results/bench-<time>.json; a .md table "
                         "and a .png chart are written beside it)")
@@ -97,9 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="everyday preset, about two minutes here: 3 prompts, 64 new tokens, "
                         "methods plain,lookup,hf unless --methods is given")
     from .datastore import add_datastore_parser
+    from .medusa.cli import add_distill_parser, add_train_parser
     from .server import add_serve_parser
     add_serve_parser(sub)
     add_datastore_parser(sub)
+    add_distill_parser(sub)
+    add_train_parser(sub)
     return parser
 
 
@@ -131,7 +138,7 @@ def cmd_generate(args) -> None:
     t0 = time.perf_counter()
     model = load_model(args)
     drafter = make_drafter(args.draft, model, args.draft_model, args.draft_layers, args.draft_depth,
-                           args.datastore)
+                           args.datastore, args.medusa_heads)
     load_s = time.perf_counter() - t0
     for piece in model.stream(prompt, max_new_tokens=args.max_new_tokens, chat=False if args.raw else None,
                               system=args.system, temperature=args.temperature, top_p=args.top_p,
@@ -174,7 +181,8 @@ def cmd_bench(args) -> None:
     model = load_model(args)
     prompts = load_prompts(args.dataset, args.limit)
     methods = build_methods(names, model, model.folder, args.max_new_tokens, stop=not args.ignore_eos,
-                            tree_size=args.tree_size, datastore=args.datastore)
+                            tree_size=args.tree_size, datastore=args.datastore,
+                            medusa_heads=args.medusa_heads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     log(f"bench: {len(prompts)} prompts x {len(methods)} methods ({', '.join(methods)}), "
         f"up to {args.max_new_tokens} new tokens, greedy")
@@ -213,9 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         import transformers
         transformers.logging.set_verbosity_error()
         from .datastore import cmd_datastore
+        from .medusa.cli import cmd_distill, cmd_train
         from .server import cmd_serve
         commands = {"generate": cmd_generate, "bench": cmd_bench, "serve": cmd_serve,
-                    "datastore": cmd_datastore}
+                    "datastore": cmd_datastore, "distill": cmd_distill, "train": cmd_train}
         commands[args.command](args)
     except HastenError as e:
         print(f"hasten: error: {e}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """The methods `hasten bench` compares, each a function `prompt ids -> (new ids, seconds)`.
 
 - `plain`: our runtime, plain decoding (the baseline every speedup is measured against)
-- `lookup`, `model`, `rest`: our speculative engine with that drafter (must match `plain`)
+- `lookup`, `model`, `rest`, `medusa`: our speculative engine with that drafter (must match `plain`)
 - `hf`: `transformers` `generate()` on the same weights folder, greedy
 - `hf-lookup`: `generate(prompt_lookup_num_tokens=...)`, transformers' own prompt lookup
 """
@@ -18,7 +18,7 @@ from ..drafters import make_drafter
 from ..errors import HastenError
 from .runner import Method, timed
 
-METHODS = ("plain", "lookup", "model", "rest", "hf", "hf-lookup")
+METHODS = ("plain", "lookup", "model", "rest", "medusa", "hf", "hf-lookup")
 
 
 def ours(model: Model, drafter, max_new_tokens: int, stop: bool, tree_size: int | None) -> Method:
@@ -77,15 +77,16 @@ class FirstTokenClock:
 
 def build_methods(names: list[str], model: Model, folder: Path, max_new_tokens: int,
                   stop: bool = True, tree_size: int | None = None,
-                  datastore: str | None = None) -> dict[str, Method]:
+                  datastore: str | None = None, medusa_heads: str | None = None) -> dict[str, Method]:
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise HastenError(f"unknown bench methods {unknown}; choose from {', '.join(METHODS)}")
     methods: dict[str, Method] = {}
     hf_model = None
     for name in names:
-        if name in ("plain", "lookup", "model", "rest"):
-            drafter = None if name == "plain" else make_drafter(name, model, datastore=datastore)
+        if name in ("plain", "lookup", "model", "rest", "medusa"):
+            drafter = None if name == "plain" else make_drafter(
+                name, model, datastore=datastore, medusa_heads=medusa_heads)
             methods[name] = ours(model, drafter, max_new_tokens, stop, tree_size)
             continue
         if hf_model is None:

@@ -144,15 +144,15 @@ def generate_batch(backbone: Backbone, prompts: list[list[int]], max_new_tokens:
     backbone.commit()
     next_pos = positions[:, -1] + 1
     outputs: list[list[int]] = [[] for _ in range(rows)]
-    done = torch.zeros(rows, dtype=torch.bool, device=dev)
+    done = [False] * rows
     for step in range(max_new_tokens):
         tokens = choose(logits, params, generator)
-        for r in range(rows):
+        for r, token in enumerate(tokens.tolist()):  # one device sync per step, not per row
             if not done[r]:
-                outputs[r].append(int(tokens[r]))
-                done[r] = int(tokens[r]) in stop_ids
+                outputs[r].append(token)
+                done[r] = token in stop_ids
         last = step == max_new_tokens - 1
-        if last or bool(done.all()) or backbone.length + 1 > backbone.capacity:
+        if last or all(done) or backbone.length + 1 > backbone.capacity:
             break
         valid[:, backbone.length] = True
         step_mask = valid[:, None, :backbone.length + 1]

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from ..errors import HastenError
 
-DRAFTERS = ("none", "lookup", "model", "rest")
+DRAFTERS = ("none", "lookup", "model", "rest", "medusa")
 
 
 def make_drafter(name: str, model, draft_model: str | None = None, draft_layers: int | None = None,
-                 draft_depth: int = 4, datastore: str | None = None):
+                 draft_depth: int = 4, datastore: str | None = None, medusa_heads: str | None = None):
     """A drafter for `model` (a `hasten.api.Model`); None for plain decoding.
 
     `model`: a separate draft model spec (must share the tokenizer), or, if `draft_model` is
     None, a training-free self-draft from the target's first `draft_layers` layers.
-    `rest`: retrieval from the datastore at `datastore` (built with `hasten datastore build`)."""
+    `rest`: retrieval from the datastore at `datastore` (built with `hasten datastore build`).
+    `medusa`: heads from `medusa_heads`, else next to the model, else shipped for the model."""
     if name in (None, "none"):
         return None
     if name == "lookup":
@@ -38,4 +39,7 @@ def make_drafter(name: str, model, draft_model: str | None = None, draft_layers:
                               "(build one with `hasten datastore build`)")
         from .rest import rest_drafter_for
         return rest_drafter_for(model, datastore)
+    if name == "medusa":
+        from ..medusa.drafter import medusa_drafter
+        return medusa_drafter(model, medusa_heads)
     raise HastenError(f"unknown drafter {name!r}; choose one of {', '.join(DRAFTERS)}")

@@ -62,7 +62,8 @@ def cmd_serve(args) -> None:
         raise HastenError("--tree-size must be >= 0")
     model = load_model(args)
     options = {"draft_model": args.draft_model, "draft_layers": args.draft_layers,
-               "draft_depth": args.draft_depth, "datastore": args.datastore}
+               "draft_depth": args.draft_depth, "datastore": args.datastore,
+               "medusa_heads": args.medusa_heads}
     drafter = make_drafter(args.draft, model, **options)
     if drafter is not None and args.tree_size is None:
         model.cost_curve()  # measured once (cached on disk), not during the first request
