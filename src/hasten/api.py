@@ -142,7 +142,7 @@ class Model:
         """Verify cost per tree size on this model/device/dtype, measured once and cached."""
         if self._cost_curve is None:
             b = self.backbone
-            key = (f"{self.fingerprint}-{type(b).__name__}-{b.device.type}-"
+            key = (f"v2-{self.fingerprint}-{type(b).__name__}-{b.device.type}-"
                    f"{str(b.dtype).removeprefix('torch.')}-t{torch.get_num_threads()}")
             self._cost_curve = cached_cost_curve(b, key, cache_root() / "costs")
         return self._cost_curve

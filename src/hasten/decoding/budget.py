@@ -44,23 +44,32 @@ class CostCurve:
 
 
 @torch.inference_mode()
-def measure_cost_curve(backbone: Backbone, sizes=SIZES, past: int = 128, repeats: int = 3) -> CostCurve:
-    """Time a verify-shaped forward (a chain after `past` cached tokens) for each size."""
+def measure_cost_curve(backbone: Backbone, sizes=SIZES, past: int = 128, repeats: int = 5) -> CostCurve:
+    """Time a verify-shaped forward (a chain after `past` cached tokens) for each size.
+
+    Sizes are timed round-robin, `repeats` rounds after a warm-up round, and each size keeps
+    its median, so a burst of load on a shared machine hits every size alike instead of
+    skewing one. A bigger verify never costs less than a smaller one, so the curve is made
+    non-decreasing (a dip is measurement noise that would otherwise lure the budget).
+    """
     backbone.reset(1, past + max(sizes) + 2)
     ids = torch.randint(0, backbone.vocab_size, (1, past + max(sizes) + 1), device=backbone.device)
     backbone.forward(ids[:, :past])
     backbone.commit()
-    seconds = []
-    for n in sizes:
-        times = []
-        for _ in range(repeats + 1):  # the first run warms up kernels for this shape
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    for round_ in range(repeats + 1):  # round 0 warms up kernels for every shape
+        for n in sizes:
             t0 = time.perf_counter()
             backbone.forward(ids[:, past:past + n + 1])
             if backbone.device.type == "cuda":
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+            if round_:
+                times[n].append(time.perf_counter() - t0)
             backbone.commit(torch.empty(0, dtype=torch.long))
-        seconds.append(statistics.median(times[1:]))
+    seconds, floor = [], 0.0
+    for n in sizes:
+        floor = max(floor, statistics.median(times[n]))
+        seconds.append(floor)
     return CostCurve(list(sizes), seconds)
 
 
@@ -92,10 +101,17 @@ def best_budget(curve: CostCurve, rate: float, max_budget: int) -> int:
 
 
 class AdaptiveBudget:
-    """Tracks the drafter's per-token acceptance rate and re-picks the tree budget each step."""
+    """Tracks the drafter's per-token acceptance rate and re-picks the tree budget each step.
 
-    def __init__(self, curve: CostCurve, max_budget: int, prior_rate: float = 0.5, memory: float = 0.9):
+    When drafts do not pay (the best budget is 0), steps are plain decoding steps, except that
+    every `probe_every`-th step drafts one token, so the rate keeps being measured and drafting
+    resumes when the text turns repetitive.
+    """
+
+    def __init__(self, curve: CostCurve, max_budget: int, prior_rate: float = 0.5,
+                 memory: float = 0.9, probe_every: int = 8):
         self.curve, self.max_budget, self.memory = curve, max_budget, memory
+        self.probe_every, self.steps = probe_every, 0
         # Exponentially weighted counts of accepted drafts and of drafts judged.
         self.accepted, self.trials = prior_rate, 1.0
         self.budget = max(1, best_budget(curve, prior_rate, max_budget))
@@ -106,11 +122,13 @@ class AdaptiveBudget:
 
     def update(self, proposed_depth: int, accepted_drafts: int) -> int:
         """After a step whose tree was `proposed_depth` deep and kept `accepted_drafts` drafts."""
+        self.steps += 1
         if proposed_depth > 0:
             # Each accepted draft was one success; a stop before the end was one failure.
             trials = accepted_drafts + (1 if accepted_drafts < proposed_depth else 0)
             self.accepted = self.memory * self.accepted + accepted_drafts
             self.trials = self.memory * self.trials + trials
-        # Never settle on 0: with no drafts there is nothing left to learn the rate from.
-        self.budget = max(1, best_budget(self.curve, self.rate, self.max_budget))
+        best = best_budget(self.curve, self.rate, self.max_budget)
+        probe = best == 0 and self.steps % self.probe_every == 0
+        self.budget = 1 if probe else best
         return self.budget

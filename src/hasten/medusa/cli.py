@@ -76,7 +76,7 @@ def cmd_distill(args) -> None:
         args.export_prompts.parent.mkdir(parents=True, exist_ok=True)
         with open(args.export_prompts, "w", encoding="utf-8") as f:
             for text in prompts:
-                f.write(json.dumps({"prompt": text}, ensure_ascii=False) + "\n")
+                f.write(json.dumps({"prompt": text}, ensure_ascii=True) + "\n")
         _log(f"distill: {len(prompts)} prompts written to {args.export_prompts}")
         return
     model = _load(args)

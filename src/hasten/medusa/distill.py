@@ -60,7 +60,7 @@ def file_prompts(path: str | Path, field: str | None = None) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise HastenError(f"prompt file {path} does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8").split("\n")
     if path.suffix not in (".jsonl", ".json") and not field:
         return dedupe(line.replace("\\n", "\n") for line in lines)
     out = []
@@ -178,7 +178,7 @@ def distill_ids(backbone, prompts: list[tuple[str, list[int], str | None]], out:
                        "temperature": params.temperature}
                 if shard:
                     rec["topk_shard"] = shard
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                f.write(json.dumps(rec, ensure_ascii=True) + "\n")
                 stats["answer_tokens"] += len(answer)
             f.flush()
             os.fsync(f.fileno())
