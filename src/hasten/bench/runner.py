@@ -100,9 +100,21 @@ def summarize(results: dict[str, MethodResult], baseline: str) -> dict[str, dict
 
 
 def machine_info() -> dict:
+    import os
     return {"python": sys.version.split()[0], "torch": torch.__version__,
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads()}
+            "platform": platform.platform(), "processor": cpu_name(), "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def markdown_table(summary: dict[str, dict], baseline: str) -> str:
