@@ -23,15 +23,6 @@ from hasten.models.llama import build_llama
 from tiny import hf_reference, tiny_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits on a busy machine (30x faster)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_backbone(seed=0, **overrides):
     cfg = tiny_config(**overrides)
     return build_llama(cfg, hf_reference(cfg, seed, torch.float32).state_dict(), dtype=torch.float32)

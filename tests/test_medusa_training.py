@@ -27,15 +27,6 @@ from tiny import hf_reference, tiny_config
 K = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits on a busy machine (30x faster)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_prompts(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [(f"p{seed}-{i}", torch.randint(3, 97, (int(torch.randint(3, 12, (1,), generator=g)),),

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ..errors import HastenError
 from .data import head_targets, split_records
 from .heads import HeadsConfig, MedusaHeads, base_identity, lm_head_weight, load_heads, project, save_heads
-from .train import DECAY, lr_lambda, medusa_loss
+from .train import DECAY, lr_lambda, medusa_loss, resumable_batches
 
 _WEIGHT_FILES = ("config.json", "generation_config.json", "manifest.json")
 
@@ -202,36 +202,31 @@ def train_medusa2(folder: str | Path, records: list[dict], out_dir: str | Path,
 
     bar = tqdm(total=total, initial=step, desc="train medusa-2", unit="step", disable=not progress)
     t0 = time.perf_counter()
-    while step < total:
-        epoch, offset = divmod(step, steps_per_epoch)
-        order = np.random.default_rng(cfg.seed + epoch).permutation(n)
-        for i in range(offset, steps_per_epoch):
-            if step >= total:
-                break
-            recs = [train_recs[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
-            batch = make_batch(recs, heads.num_heads, cfg.max_len, pad_id, device)
-            lam = heads_weight(step, total, cfg)
-            loss, bb, hl, stats = joint_loss(model, heads, batch, lam, cfg, teacher)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(backbone_params + head_params, 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total:
-                c = [max(1, x) for x in stats["count"]]
-                entry = {"step": step, "loss": round(float(loss.detach()), 4), "backbone": round(float(bb.detach()), 4),
-                         "heads": round(float(hl.detach()), 4), "lambda": round(lam, 4),
-                         "top1": [round(a / b, 4) for a, b in zip(stats["top1"], c)],
-                         "top5": [round(a / b, 4) for a, b in zip(stats["top5"], c)],
-                         "seconds": round(time.perf_counter() - t0, 1)}
-                history.append(entry)
-                bar.set_postfix(loss=entry["loss"], kl=entry["backbone"])
-                with open(out_dir / "train_log.jsonl", "a") as f:
-                    f.write(json.dumps(entry) + "\n")
-            if step % cfg.save_every == 0:
-                save(step)
+    for rows in resumable_batches(step, total, steps_per_epoch, n, cfg.batch_size, cfg.seed):
+        recs = [train_recs[j] for j in rows]
+        batch = make_batch(recs, heads.num_heads, cfg.max_len, pad_id, device)
+        lam = heads_weight(step, total, cfg)
+        loss, bb, hl, stats = joint_loss(model, heads, batch, lam, cfg, teacher)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(backbone_params + head_params, 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total:
+            c = [max(1, x) for x in stats["count"]]
+            entry = {"step": step, "loss": round(float(loss.detach()), 4), "backbone": round(float(bb.detach()), 4),
+                     "heads": round(float(hl.detach()), 4), "lambda": round(lam, 4),
+                     "top1": [round(a / b, 4) for a, b in zip(stats["top1"], c)],
+                     "top5": [round(a / b, 4) for a, b in zip(stats["top5"], c)],
+                     "seconds": round(time.perf_counter() - t0, 1)}
+            history.append(entry)
+            bar.set_postfix(loss=entry["loss"], kl=entry["backbone"])
+            with open(out_dir / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        if step % cfg.save_every == 0:
+            save(step)
     bar.close()
     save(step)
     return _export(model, heads, folder, out_dir, held_recs or train_recs, cfg, name, device,

@@ -156,37 +156,32 @@ def train_heads(heads: MedusaHeads, lm_head: torch.Tensor | None, train: HiddenC
     window = _Window(heads.num_heads)
     bar = tqdm(total=total, initial=step, desc="train medusa", unit="step", disable=not progress)
     t0 = time.perf_counter()
-    while step < total:
-        epoch, offset = divmod(step, steps_per_epoch)
-        order = np.random.default_rng(cfg.seed + epoch).permutation(n)
-        for i in range(offset, steps_per_epoch):
-            if step >= total:
-                break
-            h, t = _rows(train, order[i * cfg.batch_size:(i + 1) * cfg.batch_size], device, preloaded)
-            t = t[:, 1:]
-            if remap is not None:
-                t = torch.where(t == IGNORE, t, remap[t.clamp(min=0)])
-            proj = weight if weight is not None else (heads.proj if vocab is None else heads.proj[:, vocab])
-            loss, stats = medusa_loss(project(heads.transform(h), proj), t, cfg.decay)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            window.add(float(loss.detach()), stats)
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total:
-                entry = {"step": step, "epoch": round(step / steps_per_epoch, 3),
-                         "lr": sched.get_last_lr()[0], **window.summary(),
-                         "seconds": round(time.perf_counter() - t0, 1)}
-                history.append(entry)
-                bar.set_postfix(loss=entry["loss"], top1=entry["top1"][0])
-                with open(out_dir / "train_log.jsonl", "a") as f:
-                    f.write(json.dumps(entry) + "\n")
-                window = _Window(heads.num_heads)
-            if step % cfg.save_every == 0:
-                save(step)
+    for rows in resumable_batches(step, total, steps_per_epoch, n, cfg.batch_size, cfg.seed):
+        h, t = _rows(train, rows, device, preloaded)
+        t = t[:, 1:]
+        if remap is not None:
+            t = torch.where(t == IGNORE, t, remap[t.clamp(min=0)])
+        proj = weight if weight is not None else (heads.proj if vocab is None else heads.proj[:, vocab])
+        loss, stats = medusa_loss(project(heads.transform(h), proj), t, cfg.decay)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        window.add(float(loss.detach()), stats)
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total:
+            entry = {"step": step, "epoch": round(step / steps_per_epoch, 3),
+                     "lr": sched.get_last_lr()[0], **window.summary(),
+                     "seconds": round(time.perf_counter() - t0, 1)}
+            history.append(entry)
+            bar.set_postfix(loss=entry["loss"], top1=entry["top1"][0])
+            with open(out_dir / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            window = _Window(heads.num_heads)
+        if step % cfg.save_every == 0:
+            save(step)
         if held is not None and len(held) and step % steps_per_epoch == 0:
             acc = evaluate(heads, lm_head, held, device, vocab)
             history.append({"step": step, "eval": acc})
@@ -195,6 +190,20 @@ def train_heads(heads: MedusaHeads, lm_head: torch.Tensor | None, train: HiddenC
     save(step)
     heads.eval().requires_grad_(False)
     return history
+
+
+def resumable_batches(step: int, total: int, steps_per_epoch: int, n: int, batch_size: int,
+                      seed: int):
+    """Row indices of each training step from `step` to `total`: a fresh shuffle per epoch,
+    seeded by the epoch, so a resumed run sees exactly the batches it would have seen."""
+    while step < total:
+        epoch, offset = divmod(step, steps_per_epoch)
+        order = np.random.default_rng(seed + epoch).permutation(n)
+        for i in range(offset, steps_per_epoch):
+            if step >= total:
+                return
+            yield order[i * batch_size:(i + 1) * batch_size]
+            step += 1
 
 
 class _Window:
