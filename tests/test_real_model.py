@@ -43,6 +43,8 @@ def test_speculative_drafters_reproduce_plain_greedy(model):
         assert list(model.generate_ids(ids, 48, draft=draft, tree_size=6)) == want, draft
     assert list(model.generate_ids(ids, 48, draft="lookup")) == want  # adaptive tree size
     assert model.last_stats.mean_accepted > 1.0  # the answer repeats the prompt's code
+    assert list(model.generate_ids(ids, 16, draft="lookup", tree_size=0)) == want[:16]
+    assert set(model.last_stats.accepted) == {1}  # tree size 0 means no drafts at all
 
 
 def test_chat_template_is_applied_by_default(model):

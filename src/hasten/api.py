@@ -115,7 +115,7 @@ class Model:
                      seed: int | None = None, draft=None, tree_size: int | None = None,
                      typical: bool = False) -> Iterator[int]:
         """New token ids, streamed. `draft`: None (plain decoding), a drafter name ("lookup",
-        "model") or a drafter object. `tree_size`: draft nodes per step; None = chosen for this
+        "model", "medusa"; "rest" needs `make_drafter(..., datastore=...)`) or a drafter object. `tree_size`: draft nodes per step; None = chosen for this
         hardware from measured verify costs. `typical`: Medusa's lossy acceptance (opt-in)."""
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
         generator = None
@@ -136,7 +136,8 @@ class Model:
             adaptive = AdaptiveBudget(self.cost_curve(), MAX_TREE_SIZE)
         return generate_speculative(self.backbone, draft, prompt_ids, max_new_tokens, params,
                                     self.stop_ids, generator, self.max_positions,
-                                    tree_size or MAX_TREE_SIZE, typical, adaptive, self.last_stats)
+                                    MAX_TREE_SIZE if tree_size is None else tree_size, typical,
+                                    adaptive, self.last_stats)
 
     def cost_curve(self) -> CostCurve:
         """Verify cost per tree size on this model/device/dtype, measured once and cached."""
