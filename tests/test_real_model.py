@@ -39,7 +39,7 @@ def test_greedy_is_token_identical_to_transformers_generate(model, reference):
 def test_speculative_drafters_reproduce_plain_greedy(model):
     ids = model.encode(EDIT_PROMPTS[1])
     want = list(model.generate_ids(ids, 48))
-    for draft in ("lookup", "model"):
+    for draft in ("lookup", "model", "medusa"):  # medusa: the heads shipped in the package
         assert list(model.generate_ids(ids, 48, draft=draft, tree_size=6)) == want, draft
     assert list(model.generate_ids(ids, 48, draft="lookup")) == want  # adaptive tree size
     assert model.last_stats.mean_accepted > 1.0  # the answer repeats the prompt's code
