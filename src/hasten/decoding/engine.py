@@ -60,7 +60,7 @@ def generate_speculative(backbone: Backbone, drafter: Drafter, prompt: list[int]
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
     start = time.perf_counter()
-    capacity = cache_capacity(backbone, len(prompt), max_new_tokens, tree_budget + 1, max_positions)
+    capacity = cache_capacity(len(prompt), max_new_tokens, tree_budget + 1, max_positions)
     backbone.reset(1, capacity)
     out = backbone.forward(torch.tensor([prompt], device=backbone.device), last_only=True)
     backbone.commit()

@@ -66,7 +66,7 @@ class GenerationStats:
         }
 
 
-def cache_capacity(backbone: Backbone, prompt_len: int, max_new_tokens: int, slack: int,
+def cache_capacity(prompt_len: int, max_new_tokens: int, slack: int,
                    max_positions: int) -> int:
     """Cache slots for a generation, refusing prompts the model cannot hold at all."""
     if prompt_len >= max_positions:
@@ -86,7 +86,7 @@ def generate_plain(backbone: Backbone, prompt: list[int], max_new_tokens: int,
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
     start = time.perf_counter()
-    backbone.reset(1, cache_capacity(backbone, len(prompt), max_new_tokens, 1, max_positions))
+    backbone.reset(1, cache_capacity(len(prompt), max_new_tokens, 1, max_positions))
     ids = torch.tensor([prompt], device=backbone.device)
     logits = backbone.forward(ids, last_only=True).logits[0, -1]
     backbone.commit()
@@ -130,7 +130,7 @@ def generate_batch(backbone: Backbone, prompts: list[list[int]], max_new_tokens:
         raise ValueError("every prompt needs at least one token")
     rows, width = len(prompts), max(len(p) for p in prompts)
     dev = backbone.device
-    backbone.reset(rows, cache_capacity(backbone, width, max_new_tokens, 1, max_positions))
+    backbone.reset(rows, cache_capacity(width, max_new_tokens, 1, max_positions))
     ids = torch.full((rows, width), pad_id, dtype=torch.long, device=dev)
     valid = torch.zeros(rows, backbone.capacity, dtype=torch.bool, device=dev)
     for r, p in enumerate(prompts):
