@@ -17,11 +17,23 @@ from typing import Protocol
 
 import torch
 
+from ..errors import ContextFullError
+
 
 @dataclass
 class StepOutput:
     logits: torch.Tensor  # [batch, T, vocab] (or [batch, 1, vocab] with last_only)
     hidden: torch.Tensor  # [batch, T, hidden] after the final norm: what Medusa heads read
+
+
+def check_step(length: int, new: int, capacity: int, rows: int, cache_rows: int) -> None:
+    """Refuse a forward that would overflow the cache or mismatch its batch, before writing."""
+    if length + new > capacity:
+        raise ContextFullError(
+            f"context full: {length} cached + {new} new tokens exceed the cache capacity "
+            f"{capacity}; shorten the prompt or lower --max-new-tokens")
+    if rows != cache_rows:
+        raise ValueError(f"batch of {rows} rows but the cache was reset for {cache_rows}")
 
 
 class Backbone(Protocol):

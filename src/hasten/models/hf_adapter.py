@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ContextFullError, ModelSourceError
-from .backbone import StepOutput
+from .backbone import StepOutput, check_step
 from .llama import causal_mask
 
 _SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
@@ -143,12 +143,7 @@ class HFBackbone:
         self._drop_pending()
         b, t = input_ids.shape
         past = self.length
-        if past + t > self.capacity:
-            raise ContextFullError(
-                f"context full: {past} cached + {t} new tokens exceed the cache capacity "
-                f"{self.capacity}; shorten the prompt or lower --max-new-tokens")
-        if b != self._batch:
-            raise ValueError(f"batch of {b} rows but the cache was reset for {self._batch}")
+        check_step(past, t, self.capacity, b, self._batch)
         input_ids = input_ids.to(self.device)
         if positions is None:
             positions = torch.arange(past, past + t, device=self.device).expand(b, t)

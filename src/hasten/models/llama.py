@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ContextFullError, ModelSourceError
-from .backbone import StepOutput
+from .backbone import StepOutput, check_step
 from .config import LlamaConfig
 
 
@@ -221,12 +221,7 @@ class LlamaModel(nn.Module):
             self.reset(batch_size=input_ids.shape[0])
         b, t = input_ids.shape
         start = self.length
-        if start + t > self.capacity:
-            raise ContextFullError(
-                f"context full: {start} cached + {t} new tokens exceed the cache capacity "
-                f"{self.capacity}; shorten the prompt or lower --max-new-tokens")
-        if b != self._k.shape[1]:
-            raise ValueError(f"batch of {b} rows but the cache was reset for {self._k.shape[1]}")
+        check_step(start, t, self.capacity, b, self._k.shape[1])
         if positions is None:
             positions = torch.arange(start, start + t, device=self.device).expand(b, t)
         if int(positions.max()) >= self.capacity:
