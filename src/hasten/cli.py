@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tokens per step and output mismatches; write JSON + Markdown.")
     add_model_args(b)
     b.add_argument("--methods", default=BENCH_METHODS,
-                   help="comma-separated: plain, lookup, model, rest (ours), hf, hf-lookup "
-                        "(transformers generate) (default: plain,hf,lookup)")
+                   help="comma-separated: plain, lookup, model, rest, medusa (ours), hf, hf-lookup "
+                        "(transformers generate), llamacpp (llama-cpp-python, if installed) "
+                        "(default: plain,hf,lookup)")
     b.add_argument("--dataset", default="chat",
                    help="prompts: chat (built-in open questions), edit (built-in; answers repeat "
                         "the input), mt-bench (first turns), humaneval, sharegpt (fetched from "
