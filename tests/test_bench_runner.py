@@ -54,3 +54,20 @@ def test_report_written_atomically(tmp_path):
     write_report(path, {"x": 1})
     assert json.loads(path.read_text()) == {"x": 1}
     assert not list(path.parent.glob("*.tmp"))
+
+
+def test_llamacpp_peer_is_skipped_with_a_note_when_it_cannot_run(tmp_path, capsys, monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    from hasten.bench.methods import build_methods, source_gguf
+    model = SimpleNamespace(stop_ids=(2,))
+    assert build_methods(["llamacpp"], model, tmp_path, 8) == {}  # not converted from a GGUF
+    assert "does not come from a GGUF" in capsys.readouterr().err
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    (tmp_path / "manifest.json").write_text(json.dumps({"source": str(gguf)}))
+    assert source_gguf(tmp_path) == gguf
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if not installed
+    assert build_methods(["llamacpp"], model, tmp_path, 8) == {}
+    assert "pip install llama-cpp-python" in capsys.readouterr().err
