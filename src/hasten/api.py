@@ -113,19 +113,22 @@ class Model:
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 256,
                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                      seed: int | None = None, draft=None, tree_size: int | None = None,
-                     typical: bool = False) -> Iterator[int]:
+                     typical: bool = False, ignore_eos: bool = False) -> Iterator[int]:
         """New token ids, streamed. `draft`: None (plain decoding), a drafter name ("lookup",
-        "model", "medusa"; "rest" needs `make_drafter(..., datastore=...)`) or a drafter object. `tree_size`: draft nodes per step; None = chosen for this
-        hardware from measured verify costs. `typical`: Medusa's lossy acceptance (opt-in)."""
+        "model", "medusa"; "rest" needs `make_drafter(..., datastore=...)`) or a drafter
+        object. `tree_size`: draft nodes per step; None = chosen for this hardware from
+        measured verify costs. `typical`: Medusa's lossy acceptance (opt-in). `ignore_eos`:
+        always generate `max_new_tokens` (benchmarks: the same work for every method)."""
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
         generator = None
         if seed is not None:
             generator = torch.Generator(device="cpu").manual_seed(seed)
         self.last_stats = GenerationStats()
+        stop_ids = () if ignore_eos else self.stop_ids
         if isinstance(draft, str):
             draft = make_drafter(draft, self)
         if draft is None:
-            return generate_plain(self.backbone, prompt_ids, max_new_tokens, params, self.stop_ids,
+            return generate_plain(self.backbone, prompt_ids, max_new_tokens, params, stop_ids,
                                   generator, self.max_positions, self.last_stats)
         adaptive = None
         if tree_size is None and getattr(draft, "expected_lengths", None):
@@ -135,7 +138,7 @@ class Model:
         elif tree_size is None:
             adaptive = AdaptiveBudget(self.cost_curve(), MAX_TREE_SIZE)
         return generate_speculative(self.backbone, draft, prompt_ids, max_new_tokens, params,
-                                    self.stop_ids, generator, self.max_positions,
+                                    stop_ids, generator, self.max_positions,
                                     MAX_TREE_SIZE if tree_size is None else tree_size, typical,
                                     adaptive, self.last_stats)
 

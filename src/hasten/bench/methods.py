@@ -29,12 +29,8 @@ METHODS = ("plain", "lookup", "model", "rest", "medusa", "hf", "hf-lookup", "lla
 def ours(model: Model, drafter, max_new_tokens: int, stop: bool, tree_size: int | None) -> Method:
 
     def run(prompt: list[int]):
-        stop_ids, model.stop_ids = model.stop_ids, (model.stop_ids if stop else ())
-        try:
-            tokens, seconds = timed(lambda: list(model.generate_ids(
-                prompt, max_new_tokens, draft=drafter, tree_size=tree_size)))
-        finally:
-            model.stop_ids = stop_ids
+        tokens, seconds = timed(lambda: list(model.generate_ids(
+            prompt, max_new_tokens, draft=drafter, tree_size=tree_size, ignore_eos=not stop)))
         stats = model.last_stats
         return tokens, seconds, {"steps": stats.steps, "ttft": stats.time_to_first_token,
                                  "accepted": list(stats.accepted)}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,9 +96,14 @@ def expected_gain(rate: float, n: int) -> float:
     return sum(rate ** k for k in range(n + 1))
 
 
+def fastest_size(gain: Callable[[int], float], cost: Callable[[int], float], max_size: int) -> int:
+    """The draft size n in 0..max_size with the most tokens per second, gain(n) / cost(n)."""
+    return max(range(max_size + 1), key=lambda n: gain(n) / cost(n))
+
+
 def best_budget(curve: CostCurve, rate: float, max_budget: int) -> int:
     """The number of draft nodes (0..max_budget) with the highest expected tokens/second."""
-    return max(range(max_budget + 1), key=lambda n: expected_gain(rate, n) / curve.cost(n))
+    return fastest_size(lambda n: expected_gain(rate, n), curve.cost, max_budget)
 
 
 class AdaptiveBudget:

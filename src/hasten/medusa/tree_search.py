@@ -25,6 +25,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..decoding.budget import fastest_size
+
 Choice = tuple[int, ...]
 
 
@@ -125,7 +127,7 @@ def best_tree_size(expected_lengths: Sequence[float], cost: Callable[[int], floa
     """The node budget n maximising expected tokens per second: E(n) / cost(n), where
     cost(n) is the time of a verify forward over 1 + n tokens (e.g. `CostCurve.cost`)."""
     top = len(expected_lengths) - 1 if max_size is None else min(max_size, len(expected_lengths) - 1)
-    return max(range(top + 1), key=lambda n: expected_lengths[n] / cost(n))
+    return fastest_size(expected_lengths.__getitem__, cost, top)
 
 
 def valid_tree(choices: Sequence[Sequence[int]]) -> bool:
