@@ -55,6 +55,14 @@ def test_greedy_with_duplicate_siblings_takes_the_deepest_match():
     assert accept_greedy(tree, logits) == ([0], 0)
 
 
+def test_greedy_from_precomputed_argmax_ids_matches_logits():
+    tree = branchy_tree()
+    for rows in [(5, 0, 2, 0, 6, 7), (5, 0, 2, 0, 4, 7), (4, 1, 2, 0, 6, 7), (3, 1, 2, 7, 6, 0)]:
+        assert accept_greedy(tree, argmax_ids=list(rows)) == accept_greedy(tree, logits_with_argmax(*rows))
+    with pytest.raises(ValueError, match="argmax ids"):
+        accept_greedy(tree, argmax_ids=[5, 0, 2])
+
+
 def test_greedy_on_an_empty_tree_is_a_plain_step():
     assert accept_greedy(DraftTree.empty(), logits_with_argmax(6)) == ([], 6)
 

@@ -28,8 +28,9 @@ from .models.hf_adapter import HFBackbone
 from .models.llama import build_llama
 from .models.sources import cache_root, load_tokenizer, load_weights, resolve_model
 
-# Upper bound on draft nodes per step; the adaptive budget picks at most this many.
-MAX_TREE_SIZE = 32
+# Upper bound on draft nodes per step; the measured verify costs pick the size actually used
+# (a CPU settles on a few nodes, a GPU, where 64 tokens cost about what one does, on many).
+MAX_TREE_SIZE = 64
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -146,7 +147,7 @@ class Model:
         """Verify cost per tree size on this model/device/dtype, measured once and cached."""
         if self._cost_curve is None:
             b = self.backbone
-            key = (f"v2-{self.fingerprint}-{type(b).__name__}-{b.device.type}-"
+            key = (f"v3-{self.fingerprint}-{type(b).__name__}-{b.device.type}-"
                    f"{str(b.dtype).removeprefix('torch.')}-t{torch.get_num_threads()}")
             self._cost_curve = cached_cost_curve(b, key, cache_root() / "costs")
         return self._cost_curve

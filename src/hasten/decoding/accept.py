@@ -39,7 +39,8 @@ def accept(tree: DraftTree, logits: torch.Tensor, params: SamplingParams,
 
 # ---- greedy ---------------------------------------------------------------------------------
 
-def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> Acceptance:
+def accept_greedy(tree: DraftTree, logits: torch.Tensor | None = None,
+                  argmax_ids: list[int] | None = None) -> Acceptance:
     """The deepest node whose whole path matches the model's argmax, plus the argmax after it.
 
     A node matches when its token is the argmax at its parent's position; every token emitted
@@ -47,9 +48,16 @@ def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> Acceptance:
     (ties break like `argmax` does in plain decoding). With duplicate siblings several nodes
     can match at one depth; the deepest matching path wins (ties: first in node order), which
     emits the same tokens, only more of them. Only rows reached by matching paths are read.
+    `argmax_ids` (every row's argmax, precomputed where the logits live, e.g. on a GPU) may
+    replace `logits`.
     """
-    logits = _rows(tree, logits)
-    argmax = functools.cache(lambda position: int(logits[position].argmax()))
+    if argmax_ids is not None:
+        if len(argmax_ids) != tree.size + 1:
+            raise ValueError(f"need {tree.size + 1} argmax ids (root + nodes), got {len(argmax_ids)}")
+        argmax = argmax_ids.__getitem__
+    else:
+        logits = _rows(tree, logits)
+        argmax = functools.cache(lambda position: int(logits[position].argmax()))
     tokens = tree.token_list
 
     def matching(position, children):

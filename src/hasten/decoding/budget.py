@@ -24,7 +24,7 @@ import torch
 
 from ..models.backbone import Backbone
 
-SIZES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+SIZES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 
 from ..models.backbone import Backbone
-from .accept import accept, accept_typical
+from .accept import accept, accept_greedy, accept_typical
 from .budget import AdaptiveBudget
 from .generate import GenerationStats, cache_capacity
 from .sampling import SamplingParams, choose
@@ -88,13 +88,19 @@ def generate_speculative(backbone: Backbone, drafter: Drafter, prompt: list[int]
         t1 = time.perf_counter()
         inputs = verify_inputs(tree, root, backbone.length, backbone.device)
         out = backbone.forward(*inputs)
-        logits = out.logits[0].float() if out.logits.element_size() < 4 else out.logits[0]
-        logits = logits.cpu()
-        t2 = time.perf_counter()
-        if typical and not params.greedy:
-            path, bonus = accept_typical(tree, logits, params)
+        if params.greedy and out.logits.device.type != "cpu":
+            # Greedy on a GPU: take each row's argmax there and move N + 1 ids to the host,
+            # not N + 1 vocabulary-wide rows.
+            path, bonus = accept_greedy(tree, argmax_ids=out.logits[0].argmax(-1).tolist())
+            t2 = time.perf_counter()
         else:
-            path, bonus = accept(tree, logits, params, generator)
+            logits = out.logits[0].float() if out.logits.element_size() < 4 else out.logits[0]
+            logits = logits.cpu()
+            t2 = time.perf_counter()
+            if typical and not params.greedy:
+                path, bonus = accept_typical(tree, logits, params)
+            else:
+                path, bonus = accept(tree, logits, params, generator)
         keep = keep_indices(path)
         backbone.commit(keep.to(backbone.device))
         hidden = out.hidden[0, int(keep[-1])]
