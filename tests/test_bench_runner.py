@@ -1,7 +1,7 @@
 import json
 
-from hasten.bench.runner import (MethodResult, markdown_table, rotation, run_interleaved,
-                                 summarize, write_report)
+from hasten.bench.runner import (MethodResult, category_table, markdown_table, rotation,
+                                 run_interleaved, summarize, write_report)
 
 
 def test_rotation_gives_every_method_every_slot():
@@ -71,3 +71,64 @@ def test_llamacpp_peer_is_skipped_with_a_note_when_it_cannot_run(tmp_path, capsy
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if not installed
     assert build_methods(["llamacpp"], model, tmp_path, 8) == {}
     assert "pip install llama-cpp-python" in capsys.readouterr().err
+
+
+# ---- per-category results -----------------------------------------------------------------------
+
+def two_category_results():
+    """Prompts 0 and 2 are "math", 1 and 3 "writing"; every prompt gives 4 tokens."""
+    base = MethodResult("base", tokens=[[1, 2, 3, 4]] * 4, seconds=[1.0, 1.0, 2.0, 1.0],
+                        steps=[3, 3, 3, 3])
+    fast = MethodResult("fast", tokens=[[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 9], [1, 2, 3, 4]],
+                        seconds=[0.5, 1.0, 0.5, 0.25], steps=[1, 3, 2, 1])
+    return {"base": base, "fast": fast}, ["math", "writing", "math", "writing"]
+
+
+def test_per_category_figures_use_that_category_s_prompts_only():
+    results, categories = two_category_results()
+    s = summarize(results, "base", categories)
+    math, writing = s["fast"]["by_category"]["math"], s["fast"]["by_category"]["writing"]
+    assert list(s["fast"]["by_category"]) == ["math", "writing"]  # order of first appearance
+    # math: 8 and 8 tok/s vs 4 and 2 -> ratios 2, 4; 3 + 3 tokens after the first in 1 + 2 steps
+    assert math == {"prompts": 2, "median_tokens_per_second": 8.0,
+                    "speedup_vs_base": {"median": 3.0, "min": 2.0, "max": 4.0},
+                    "mean_accepted_per_step": 2.0, "mismatches_vs_base": 1}
+    # writing: 4 and 16 tok/s vs 4 and 4 -> ratios 1, 4; 6 tokens in 3 + 1 steps
+    assert writing == {"prompts": 2, "median_tokens_per_second": 10.0,
+                       "speedup_vs_base": {"median": 2.5, "min": 1.0, "max": 4.0},
+                       "mean_accepted_per_step": 1.5, "mismatches_vs_base": 0}
+    assert s["base"]["by_category"]["math"]["mean_accepted_per_step"] == 1.0
+    assert s["fast"]["mean_accepted_per_step"] == 12 / 7  # overall: all prompts pooled
+
+
+def test_no_categories_no_by_category():
+    results, _ = two_category_results()
+    assert "by_category" not in summarize(results, "base")["fast"]
+    assert "by_category" not in summarize(results, "base", [None] * 4)["fast"]
+    assert category_table(summarize(results, "base"), "base") == ""
+    mixed = summarize(results, "base", ["math", None, "math", None])["fast"]["by_category"]
+    assert list(mixed) == ["math", "uncategorized"]
+
+
+def test_category_table_has_a_row_per_category_and_a_column_per_method():
+    results, categories = two_category_results()
+    table = category_table(summarize(results, "base", categories), "base")
+    assert "| category | prompts | fast |" in table
+    assert "| math | 2 | 3.00x (2.00) |" in table
+    assert "| writing | 2 | 2.50x (1.50) |" in table
+
+
+def test_prompt_files_keep_their_category(tmp_path):
+    from hasten.bench.prompts import Prompt, load_prompt_set, load_prompts
+    path = tmp_path / "question.jsonl"  # MT-Bench's own layout, plus a row without a category
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Shorter."]},
+        {"question_id": 111, "category": "math", "turns": ["What is 2+2?"]},
+        {"prompt": "Hello"}]) + "\n")
+    assert load_prompt_set(str(path)) == [Prompt("Write a poem.", "writing"),
+                                          Prompt("What is 2+2?", "math"), Prompt("Hello", None)]
+    assert load_prompts(str(path), limit=2) == ["Write a poem.", "What is 2+2?"]
+    text = tmp_path / "p.txt"
+    text.write_text("one\ntwo\n")
+    assert load_prompt_set(str(text)) == [Prompt("one"), Prompt("two")]
+    assert {p.category for p in load_prompt_set("chat")} == {None}

@@ -167,9 +167,10 @@ def cmd_generate(args) -> None:
 
 def cmd_bench(args) -> None:
     from .bench.methods import build_methods
-    from .bench.prompts import load_prompts
     from .bench.chart import write_chart
-    from .bench.runner import machine_info, markdown_table, run_interleaved, summarize, write_report
+    from .bench.prompts import load_prompt_set
+    from .bench.runner import (category_table, machine_info, markdown_table, run_interleaved,
+                               summarize, write_report)
     if args.quick:
         args.limit, args.max_new_tokens = 3, 64
         if args.methods == BENCH_METHODS:
@@ -180,7 +181,8 @@ def cmd_bench(args) -> None:
     if "plain" not in names:
         names.insert(0, "plain")  # every speedup and every correctness check is against plain
     model = load_model(args)
-    prompts = load_prompts(args.dataset, args.limit)
+    prompt_set = load_prompt_set(args.dataset, args.limit)
+    prompts, categories = [p.text for p in prompt_set], [p.category for p in prompt_set]
     methods = build_methods(names, model, model.folder, args.max_new_tokens, stop=not args.ignore_eos,
                             tree_size=args.tree_size, datastore=args.datastore,
                             medusa_heads=args.medusa_heads)
@@ -189,7 +191,7 @@ def cmd_bench(args) -> None:
         f"up to {args.max_new_tokens} new tokens, greedy")
     started = time.time()
     results = run_interleaved(methods, [model.encode(p) for p in prompts], progress=log)
-    summary = summarize(results, baseline="plain")
+    summary = summarize(results, baseline="plain", categories=categories)
     output = args.output or Path("bench-results") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     settings = {k: getattr(args, k) for k in ("methods", "dataset", "datastore", "limit", "max_new_tokens",
                                               "ignore_eos", "tree_size", "dtype", "device", "runtime")}
@@ -198,10 +200,11 @@ def cmd_bench(args) -> None:
               "weights_mb": round(sum(p.numel() * p.element_size() for p in b.parameters()) / 2**20, 1)}
     report = {"model": model.name, "settings": settings, "machine": machine_info(),
               "memory": memory, "started": started, "seconds": round(time.time() - started, 1),
-              "prompts": prompts, "summary": summary,
+              "prompts": prompts, "categories": categories, "summary": summary,
               "outputs": {n: r.tokens for n, r in results.items()}}
     write_report(output, report)
-    table = markdown_table(summary, "plain")
+    table = "\n\n".join(t for t in (markdown_table(summary, "plain"),
+                                     category_table(summary, "plain")) if t)
     output.with_suffix(".md").write_text(table + "\n")
     charted = write_chart(summary, "plain", output.with_suffix(".png"),
                           f"{model.name} on {args.dataset}, {len(prompts)} prompts, greedy")

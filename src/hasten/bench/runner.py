@@ -53,6 +53,13 @@ class MethodResult:
     def tokens_per_second(self) -> list[float]:
         return [len(t) / s for t, s in zip(self.tokens, self.seconds)]
 
+    def subset(self, indices: list[int]) -> MethodResult:
+        """These prompts only. `accepted` is pooled over all prompts, so it is left out."""
+        def pick(values: list) -> list:  # steps/ttft may be missing: None, as `add` records
+            return [values[i] if i < len(values) else None for i in indices]
+        return MethodResult(self.name, pick(self.tokens), pick(self.seconds), pick(self.steps),
+                            pick(self.ttft))
+
 
 def rotation(methods: list[str], index: int) -> list[str]:
     """The order methods run in for prompt `index`: rotate by one each prompt."""
@@ -77,26 +84,51 @@ def run_interleaved(methods: dict[str, Method], prompts: list[list[int]], warmup
     return results
 
 
-def summarize(results: dict[str, MethodResult], baseline: str) -> dict[str, dict]:
+def summarize(results: dict[str, MethodResult], baseline: str,
+              categories: list[str | None] | None = None) -> dict[str, dict]:
     """Per method: median tokens/s, per-prompt speedup vs `baseline` (median, min, max),
-    and how many prompts' outputs differ from the baseline's."""
+    and how many prompts' outputs differ from the baseline's. With `categories` (one per
+    prompt, None where a prompt has none), the same figures per category under "by_category"."""
     base = results[baseline]
+    groups = category_groups(categories) if categories and any(categories) else None
     out = {}
     for name, r in results.items():
-        ratios = [a / b for a, b in zip(r.tokens_per_second, base.tokens_per_second)]
         out[name] = {
-            "median_tokens_per_second": statistics.median(r.tokens_per_second),
+            **speed_stats(r, base, baseline),
             "tokens_per_second": r.tokens_per_second,
-            "speedup_vs_" + baseline: {"median": statistics.median(ratios), "min": min(ratios),
-                                       "max": max(ratios)},
-            "mismatches_vs_" + baseline: sum(a != b for a, b in zip(r.tokens, base.tokens)),
-            "mean_accepted_per_step": r.mean_accepted,
             "median_time_to_first_token_s": (statistics.median(r.ttft) if r.ttft and None not in r.ttft
                                              else None),
             "accepted_histogram": {n: r.accepted.count(n) for n in sorted(set(r.accepted))},
-            "prompts": len(r.tokens),
         }
+        if groups:
+            out[name]["by_category"] = {
+                category: speed_stats(r.subset(idx), base.subset(idx), baseline)
+                for category, idx in groups.items()}
     return out
+
+
+def speed_stats(r: MethodResult, base: MethodResult, baseline: str) -> dict:
+    """The figures a method gets overall and per category, against `base` on the same prompts."""
+    ratios = [a / b for a, b in zip(r.tokens_per_second, base.tokens_per_second)]
+    return {
+        "prompts": len(r.tokens),
+        "median_tokens_per_second": statistics.median(r.tokens_per_second),
+        "speedup_vs_" + baseline: {"median": statistics.median(ratios), "min": min(ratios),
+                                   "max": max(ratios)},
+        "mean_accepted_per_step": r.mean_accepted,
+        "mismatches_vs_" + baseline: sum(a != b for a, b in zip(r.tokens, base.tokens)),
+    }
+
+
+UNCATEGORIZED = "uncategorized"  # prompts without a category, in a set where others have one
+
+
+def category_groups(categories: list[str | None]) -> dict[str, list[int]]:
+    """Prompt indices per category, categories in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, category in enumerate(categories):
+        groups.setdefault(category or UNCATEGORIZED, []).append(i)
+    return groups
 
 
 def machine_info() -> dict:
@@ -127,6 +159,27 @@ def markdown_table(summary: dict[str, dict], baseline: str) -> str:
                      f"({sp['min']:.2f}-{sp['max']:.2f}) | {'-' if acc is None else f'{acc:.2f}'} | "
                      f"{s['mismatches_vs_' + baseline]}/{s['prompts']} |")
     return "\n".join(lines)
+
+
+def category_table(summary: dict[str, dict], baseline: str) -> str:
+    """Rows = categories, one column per method (the baseline is 1.00x by definition): median
+    speedup, and tokens per step where the method reports steps. "" without categories."""
+    methods = [n for n, s in summary.items() if n != baseline and s.get("by_category")]
+    if not methods:
+        return ""
+    lines = [f"Per category: median speedup vs {baseline} (tokens per step).", "",
+             "| category | prompts | " + " | ".join(methods) + " |",
+             "|---|---:|" + "---:|" * len(methods)]
+    for category, stats in summary[methods[0]]["by_category"].items():
+        cells = [_category_cell(summary[n]["by_category"][category], baseline) for n in methods]
+        lines.append(f"| {category} | {stats['prompts']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _category_cell(stats: dict, baseline: str) -> str:
+    acc = stats["mean_accepted_per_step"]
+    speed = f"{stats['speedup_vs_' + baseline]['median']:.2f}x"
+    return speed if acc is None else f"{speed} ({acc:.2f})"
 
 
 def write_report(path: Path, report: dict) -> None:
