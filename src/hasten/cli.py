@@ -100,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "and a .png chart are written beside it)")
     b.add_argument("--quick", action="store_true",
                    help="everyday preset, about two minutes here: 3 prompts, 64 new tokens, "
-                        "methods plain,lookup,hf unless --methods is given")
+                        "methods plain,lookup,hf unless --methods is given, no memory pass")
+    b.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="after the timed runs, run each method alone in a fresh process on the "
+                        "first prompt to measure its peak memory (default: on, off with --quick: "
+                        "10-25 s per method here)")
     from .datastore import add_datastore_parser
     from .medusa.cli import add_distill_parser, add_train_parser
     from .server import add_serve_parser
@@ -168,6 +172,7 @@ def cmd_generate(args) -> None:
 def cmd_bench(args) -> None:
     from .bench.methods import build_methods
     from .bench.chart import write_chart
+    from .bench.memory import memory_pass
     from .bench.prompts import load_prompt_set
     from .bench.runner import (category_table, machine_info, markdown_table, run_interleaved,
                                summarize, write_report)
@@ -175,6 +180,8 @@ def cmd_bench(args) -> None:
         args.limit, args.max_new_tokens = 3, 64
         if args.methods == BENCH_METHODS:
             args.methods = "plain,lookup,hf"
+    # The memory pass starts a fresh process per method (10-25 s each here): too slow for --quick
+    measure_memory = not args.quick if args.memory is None else args.memory
     if args.limit < 1 or args.max_new_tokens < 1:
         raise HastenError("--limit and --max-new-tokens must be at least 1")
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -195,10 +202,18 @@ def cmd_bench(args) -> None:
     output = args.output or Path("bench-results") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     settings = {k: getattr(args, k) for k in ("methods", "dataset", "datastore", "limit", "max_new_tokens",
                                               "ignore_eos", "tree_size", "dtype", "device", "runtime")}
+    settings["memory"] = measure_memory
     b = model.backbone
     memory = {"peak_process_rss_mb": round(peak_rss_mb(), 1),
               "weights_mb": round(sum(p.numel() * p.element_size() for p in b.parameters()) / 2**20, 1)}
-    report = {"model": model.name, "settings": settings, "machine": machine_info(),
+    name = model.name
+    if measure_memory:
+        built = list(methods)  # llamacpp may have been skipped
+        del model, methods, b  # free this process's copies before the probes load theirs
+        release_memory()
+        for method, figures in memory_pass(built, probe_settings(args), prompts[0], log).items():
+            summary[method].update(figures)
+    report = {"model": name, "settings": settings, "machine": machine_info(),
               "memory": memory, "started": started, "seconds": round(time.time() - started, 1),
               "prompts": prompts, "categories": categories, "summary": summary,
               "outputs": {n: r.tokens for n, r in results.items()}}
@@ -207,10 +222,27 @@ def cmd_bench(args) -> None:
                                      category_table(summary, "plain")) if t)
     output.with_suffix(".md").write_text(table + "\n")
     charted = write_chart(summary, "plain", output.with_suffix(".png"),
-                          f"{model.name} on {args.dataset}, {len(prompts)} prompts, greedy")
+                          f"{name} on {args.dataset}, {len(prompts)} prompts, greedy")
     print(table)
     log(f"bench: report written to {output} (+ .md{', .png' if charted else ''}); peak memory "
-        f"{memory['peak_process_rss_mb']} MB")
+        f"{memory['peak_process_rss_mb']} MB (this process, all methods together)")
+
+
+def probe_settings(args) -> dict:
+    """What a memory probe needs to build a method exactly as this bench did."""
+    return {"model": args.model, "device": args.device, "dtype": args.dtype, "runtime": args.runtime,
+            "threads": args.threads, "max_new_tokens": args.max_new_tokens,
+            "stop": not args.ignore_eos, "tree_size": args.tree_size, "datastore": args.datastore,
+            "medusa_heads": args.medusa_heads}
+
+
+def release_memory() -> None:
+    import gc
+
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # give the GPU memory back, so the probes have all of it
 
 
 def peak_rss_mb() -> float:

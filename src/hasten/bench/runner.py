@@ -150,15 +150,34 @@ def cpu_name() -> str:
 
 
 def markdown_table(summary: dict[str, dict], baseline: str) -> str:
-    lines = [f"| method | median tok/s | speedup vs {baseline} (median, min-max) | "
-             "tokens per step | outputs differing |", "|---|---:|---:|---:|---:|"]
+    """One row per method; memory columns only when the memory pass ran (and CUDA was used)."""
+    memory = any("peak_memory_mb" in s for s in summary.values())
+    cuda = any(s.get("cuda_peak_mb") is not None for s in summary.values())
+    header = (f"| method | median tok/s | speedup vs {baseline} (median, min-max) | "
+              "tokens per step | outputs differing |")
+    header += " peak RSS MB (while generating) |" * memory + " CUDA peak MB |" * cuda
+    lines = [header, "|---|---:|---:|---:|---:|" + "---:|" * (memory + cuda)]
     for name, s in summary.items():
         sp = s["speedup_vs_" + baseline]
         acc = s.get("mean_accepted_per_step")
-        lines.append(f"| {name} | {s['median_tokens_per_second']:.1f} | {sp['median']:.2f}x "
-                     f"({sp['min']:.2f}-{sp['max']:.2f}) | {'-' if acc is None else f'{acc:.2f}'} | "
-                     f"{s['mismatches_vs_' + baseline]}/{s['prompts']} |")
+        row = (f"| {name} | {s['median_tokens_per_second']:.1f} | {sp['median']:.2f}x "
+               f"({sp['min']:.2f}-{sp['max']:.2f}) | {'-' if acc is None else f'{acc:.2f}'} | "
+               f"{s['mismatches_vs_' + baseline]}/{s['prompts']} |")
+        if memory:
+            row += f" {_memory_cell(s)} |"
+        if cuda:
+            row += f" {_mb(s.get('cuda_peak_mb'))} |"
+        lines.append(row)
     return "\n".join(lines)
+
+
+def _memory_cell(s: dict) -> str:
+    cell = _mb(s.get("peak_memory_mb"))
+    return cell + (f" ({_mb(s['run_peak_mb'])})" if s.get("run_peak_mb") is not None else "")
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def category_table(summary: dict[str, dict], baseline: str) -> str:
