@@ -1,7 +1,8 @@
 import torch
 
-from hasten.decoding.budget import (AdaptiveBudget, CostCurve, best_budget, cached_cost_curve,
-                                    expected_gain, measure_cost_curve)
+from hasten.decoding.budget import (AdaptiveBudget, CalibratedBudget, CostCurve, best_budget,
+                                    cached_cost_curve, expected_gain, fastest_size,
+                                    measure_cost_curve)
 from hasten.decoding.engine import generate_speculative
 from hasten.decoding.generate import generate_plain
 from hasten.drafters.lookup import LookupDrafter
@@ -55,4 +56,42 @@ def test_adaptive_generation_still_matches_plain():
     want = list(generate_plain(model, prompt, 30))
     got = list(generate_speculative(model, LookupDrafter(), prompt, 30, tree_budget=8,
                                     adaptive=AdaptiveBudget(CPU_LIKE, 8)))
+    assert got == want
+
+
+EXPECTED = [1.0, 1.5, 1.8, 1.95, 2.05, 2.1, 2.13, 2.15, 2.16]  # E(n) of a stored tree, n = 0..8
+
+
+def test_calibrated_budget_starts_from_the_stored_curve():
+    free = CostCurve([0, 8], [1.0, 1.0])
+    assert CalibratedBudget(free, EXPECTED, 64).budget == 8  # free verification: biggest tree
+    assert CalibratedBudget(free, EXPECTED, 3).budget == 3
+    steep = CostCurve([0, 1, 8], [1.0, 1.3, 3.4])
+    assert CalibratedBudget(steep, EXPECTED, 8).budget == fastest_size(EXPECTED.__getitem__, steep.cost, 8) == 1
+
+
+def test_calibrated_budget_follows_what_the_drafts_achieve():
+    cal = CalibratedBudget(CPU_LIKE, EXPECTED, 8)
+    start = cal.budget
+    assert start > 0
+    for _ in range(30):  # drafts land exactly as expected: nothing changes
+        assert cal.update(1, EXPECTED[cal.budget] - 1, cal.budget) == start
+    budgets = []
+    for _ in range(60):  # no draft ever lands: the tree is turned off, with a probe every 8th step
+        budgets.append(cal.update(1, 0, cal.budget))
+    assert cal.ratio < 0.5  # (only probes are measured once the tree is off)
+    last = budgets[-16:]
+    probes = [i for i, b in enumerate(last) if b]
+    assert len(probes) == 2 and probes[1] - probes[0] == 8 and {last[i] for i in probes} == {4}
+    for _ in range(60):  # drafts land far better than the stored curve says: back on, larger
+        cal.update(4, 4, cal.budget or 4)
+    assert cal.ratio > 1.5 and cal.budget >= start
+
+
+def test_calibrated_generation_still_matches_plain():
+    model, _ = tiny_pair()
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
+    want = list(generate_plain(model, prompt, 30))
+    got = list(generate_speculative(model, LookupDrafter(), prompt, 30, tree_budget=8,
+                                    adaptive=CalibratedBudget(CPU_LIKE, EXPECTED, 8)))
     assert got == want

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .decoding.budget import AdaptiveBudget, CostCurve, cached_cost_curve
+from .decoding.budget import AdaptiveBudget, CalibratedBudget, CostCurve, cached_cost_curve
 from .decoding.engine import generate_speculative
 from .decoding.generate import GenerationStats, generate_plain
 from .decoding.sampling import SamplingParams
@@ -133,9 +133,9 @@ class Model:
                                   generator, self.max_positions, self.last_stats)
         adaptive = None
         if tree_size is None and getattr(draft, "expected_lengths", None):
-            # A static tree with measured expected lengths (Medusa): pick its best size once.
-            from .medusa.tree_search import best_tree_size
-            tree_size = best_tree_size(draft.expected_lengths, self.cost_curve().cost, MAX_TREE_SIZE)
+            # A static tree with measured expected lengths (Medusa): its size is picked from
+            # them and the verify costs, corrected each step by how the drafts actually do.
+            adaptive = CalibratedBudget(self.cost_curve(), draft.expected_lengths, MAX_TREE_SIZE)
         elif tree_size is None:
             adaptive = AdaptiveBudget(self.cost_curve(), MAX_TREE_SIZE)
         return generate_speculative(self.backbone, draft, prompt_ids, max_new_tokens, params,

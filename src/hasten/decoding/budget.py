@@ -126,7 +126,7 @@ class AdaptiveBudget:
     def rate(self) -> float:
         return self.accepted / self.trials
 
-    def update(self, proposed_depth: int, accepted_drafts: int) -> int:
+    def update(self, proposed_depth: int, accepted_drafts: int, proposed_size: int = 0) -> int:
         """After a step whose tree was `proposed_depth` deep and kept `accepted_drafts` drafts."""
         self.steps += 1
         if proposed_depth > 0:
@@ -137,4 +137,50 @@ class AdaptiveBudget:
         best = best_budget(self.curve, self.rate, self.max_budget)
         probe = best == 0 and self.steps % self.probe_every == 0
         self.budget = 1 if probe else best
+        return self.budget
+
+
+class CalibratedBudget:
+    """For a drafter that knows its expected tokens per step E(n) for n nodes (a Medusa tree
+    measured on held-out data): the same per-step choice, with E corrected by what the drafter
+    actually achieves on this text.
+
+    E(n) comes from the training distribution; on other text the drafts are right less often
+    (or more). The drafts accepted per step are compared with the E(n) - 1 that was expected
+    at the size used, and every expected gain is scaled by that ratio:
+
+        gain(n) = 1 + ratio * (E(n) - 1)
+
+    Size 0 (a plain step) is allowed, so a tree that does not pay here is turned off, with a
+    small probe tree every `probe_every`-th step to keep measuring.
+    """
+
+    def __init__(self, curve: CostCurve, expected_lengths: list[float], max_budget: int,
+                 memory: float = 0.9, probe_every: int = 8, probe_size: int = 4):
+        self.curve, self.expected, self.memory = curve, list(expected_lengths), memory
+        self.max_budget = min(max_budget, len(self.expected) - 1)
+        self.probe_every, self.probe_size, self.steps = probe_every, probe_size, 0
+        # Exponentially weighted drafts accepted and drafts expected; the prior is the curve.
+        self.got, self.wanted = 1.0, 1.0
+        self.budget = self.best()
+
+    @property
+    def ratio(self) -> float:
+        return self.got / self.wanted
+
+    def gain(self, n: int) -> float:
+        return 1.0 + self.ratio * (self.expected[n] - 1.0)
+
+    def best(self) -> int:
+        return fastest_size(self.gain, self.curve.cost, self.max_budget)
+
+    def update(self, proposed_depth: int, accepted_drafts: int, proposed_size: int = 0) -> int:
+        """After a step that verified `proposed_size` nodes and kept `accepted_drafts`."""
+        self.steps += 1
+        if proposed_size > 0:
+            self.got = self.memory * self.got + accepted_drafts
+            self.wanted = self.memory * self.wanted + self.expected[min(proposed_size, self.max_budget)] - 1.0
+        best = self.best()
+        probe = best == 0 and self.steps % self.probe_every == 0
+        self.budget = min(self.probe_size, self.max_budget) if probe else best
         return self.budget

@@ -22,7 +22,7 @@ import torch
 
 from ..models.backbone import Backbone
 from .accept import accept, accept_greedy, accept_typical
-from .budget import AdaptiveBudget
+from .budget import AdaptiveBudget, CalibratedBudget
 from .generate import GenerationStats, cache_capacity
 from .sampling import SamplingParams, choose
 from .tree import DraftTree, keep_indices, verify_inputs
@@ -49,7 +49,7 @@ def generate_speculative(backbone: Backbone, drafter: Drafter, prompt: list[int]
                          max_new_tokens: int, params: SamplingParams = SamplingParams(),
                          stop_ids: tuple[int, ...] = (), generator: torch.Generator | None = None,
                          max_positions: int = 4096, tree_budget: int = 8, typical: bool = False,
-                         adaptive: AdaptiveBudget | None = None,
+                         adaptive: AdaptiveBudget | CalibratedBudget | None = None,
                          stats: GenerationStats | None = None) -> Iterator[int]:
     """Yield new token ids as they are accepted. `typical=True` opts into Medusa's lossy rule.
 
@@ -105,7 +105,7 @@ def generate_speculative(backbone: Backbone, drafter: Drafter, prompt: list[int]
         backbone.commit(keep.to(backbone.device))
         hidden = out.hidden[0, int(keep[-1])]
         if adaptive:
-            adaptive.update(tree.max_depth, len(path))
+            adaptive.update(tree.max_depth, len(path), tree.size)
         t3 = time.perf_counter()
         stats.draft_time += t1 - t0
         stats.verify_time += t2 - t1

@@ -122,14 +122,6 @@ def default_choices(num_heads: int, budget: int = 64, max_rank: int = 10) -> lis
     return grow_tree(independent_prob(acc), num_heads, max_rank, budget)[0]
 
 
-def best_tree_size(expected_lengths: Sequence[float], cost: Callable[[int], float],
-                   max_size: int | None = None) -> int:
-    """The node budget n maximising expected tokens per second: E(n) / cost(n), where
-    cost(n) is the time of a verify forward over 1 + n tokens (e.g. `CostCurve.cost`)."""
-    top = len(expected_lengths) - 1 if max_size is None else min(max_size, len(expected_lengths) - 1)
-    return fastest_size(expected_lengths.__getitem__, cost, top)
-
-
 def valid_tree(choices: Sequence[Sequence[int]]) -> bool:
     """Every choice's proper prefix appears earlier in the list, and no choice repeats."""
     seen: set[Choice] = set()
