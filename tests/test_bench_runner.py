@@ -132,3 +132,13 @@ def test_prompt_files_keep_their_category(tmp_path):
     text.write_text("one\ntwo\n")
     assert load_prompt_set(str(text)) == [Prompt("one"), Prompt("two")]
     assert {p.category for p in load_prompt_set("chat")} == {None}
+
+
+def test_per_category_takes_the_first_n_of_each_in_file_order(tmp_path):
+    from hasten.bench.prompts import load_prompt_set
+    path = tmp_path / "question.jsonl"
+    rows = [("w1", "writing"), ("w2", "writing"), ("w3", "writing"), ("m1", "math"),
+            ("m2", "math"), ("m3", "math"), ("c1", "coding")]
+    path.write_text("\n".join(json.dumps({"turns": [t], "category": c}) for t, c in rows) + "\n")
+    assert [p.text for p in load_prompt_set(str(path), per_category=2)] == ["w1", "w2", "m1", "m2", "c1"]
+    assert [p.text for p in load_prompt_set(str(path), limit=3, per_category=2)] == ["w1", "w2", "m1"]

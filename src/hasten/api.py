@@ -147,7 +147,7 @@ class Model:
         """Verify cost per tree size on this model/device/dtype, measured once and cached."""
         if self._cost_curve is None:
             b = self.backbone
-            key = (f"v3-{self.fingerprint}-{type(b).__name__}-{b.device.type}-"
+            key = (f"v4-{self.fingerprint}-{type(b).__name__}-{b.device.type}-"
                    f"{str(b.dtype).removeprefix('torch.')}-t{torch.get_num_threads()}")
             self._cost_curve = cached_cost_curve(b, key, cache_root() / "costs")
         return self._cost_curve
@@ -182,7 +182,8 @@ def load(model: str | None = None, device: str = "cpu", dtype: str | torch.dtype
     tokenizer = load_tokenizer(resolved.folder)
     if runtime in ("auto", "lean") and resolved.lean:
         cfg = LlamaConfig.from_hf_dict(config)
-        backbone = build_llama(cfg, load_weights(resolved.folder), torch_dtype, torch_device)
+        backbone = build_llama(cfg, load_weights(resolved.folder), torch_dtype, torch_device,
+                               consume=True)
         max_positions = cfg.max_position_embeddings
     else:
         backbone = HFBackbone.from_folder(resolved.folder, torch_dtype, torch_device)

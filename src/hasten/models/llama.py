@@ -149,26 +149,39 @@ class LlamaModel(nn.Module):
 
     # ---- weights -------------------------------------------------------------------------
 
-    def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        """Load Hugging Face-named weights (`model.layers.0.self_attn.q_proj.weight`, ...)."""
-        embed = sd["model.embed_tokens.weight"]
-        head = embed if self.config.tie_word_embeddings else sd["lm_head.weight"]
-        own = {"embed.weight": embed, "norm.weight": sd["model.norm.weight"],
-               "lm_head.weight_t": head.t().contiguous()}
+    def load_hf_state_dict(self, sd: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+                           device=None, copy: bool = True) -> None:
+        """Load Hugging Face-named weights (`model.layers.0.self_attn.q_proj.weight`, ...).
+
+        Tensors are taken out of `sd` one by one and become the parameters themselves
+        (`assign`), so a source tensor is freed as soon as its converted form exists (when
+        nobody else holds it). `copy=False` lets a parameter share a source tensor's memory
+        where no conversion is needed."""
+        def take(name: str) -> torch.Tensor:
+            return sd.pop(name).to(device=device, dtype=dtype, copy=copy)
+
+        def transposed(t: torch.Tensor) -> torch.Tensor:
+            return t.t().contiguous()
+
+        embed = take("model.embed_tokens.weight")
+        head = embed if self.config.tie_word_embeddings else take("lm_head.weight")
+        own = {"embed.weight": embed, "lm_head.weight_t": transposed(head)}
+        del head
+        own["norm.weight"] = take("model.norm.weight")
         for i in range(self.config.num_layers):
             p = f"model.layers.{i}."
             att, mlp = p + "self_attn.", p + "mlp."
-            own[f"blocks.{i}.attn_norm.weight"] = sd[p + "input_layernorm.weight"]
-            own[f"blocks.{i}.mlp_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
-            qkv = torch.cat([sd[att + n + "_proj.weight"] for n in "qkv"])
-            own[f"blocks.{i}.wqkv.weight_t"] = qkv.t().contiguous()
+            own[f"blocks.{i}.attn_norm.weight"] = take(p + "input_layernorm.weight")
+            own[f"blocks.{i}.mlp_norm.weight"] = take(p + "post_attention_layernorm.weight")
+            own[f"blocks.{i}.wqkv.weight_t"] = transposed(torch.cat([take(att + n + "_proj.weight") for n in "qkv"]))
             if self.config.attention_bias:
-                own[f"blocks.{i}.wqkv.bias"] = torch.cat([sd[att + n + "_proj.bias"] for n in "qkv"])
-            own[f"blocks.{i}.wo.weight_t"] = sd[att + "o_proj.weight"].t().contiguous()
-            gate_up = torch.cat([sd[mlp + "gate_proj.weight"], sd[mlp + "up_proj.weight"]])
-            own[f"blocks.{i}.w_gate_up.weight_t"] = gate_up.t().contiguous()
-            own[f"blocks.{i}.w_down.weight_t"] = sd[mlp + "down_proj.weight"].t().contiguous()
-        missing, unexpected = self.load_state_dict(own, strict=False)
+                own[f"blocks.{i}.wqkv.bias"] = torch.cat([take(att + n + "_proj.bias") for n in "qkv"])
+            own[f"blocks.{i}.wo.weight_t"] = transposed(take(att + "o_proj.weight"))
+            gate_up = torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])
+            own[f"blocks.{i}.w_gate_up.weight_t"] = transposed(gate_up)
+            del gate_up
+            own[f"blocks.{i}.w_down.weight_t"] = transposed(take(mlp + "down_proj.weight"))
+        missing, unexpected = self.load_state_dict(own, strict=False, assign=True)
         if missing or unexpected:
             raise ModelSourceError(f"weights do not fit the config: missing {missing[:4]}, "
                                    f"unexpected {unexpected[:4]}")
@@ -247,9 +260,11 @@ def causal_mask(past: int, t: int, device=None) -> torch.Tensor:
 
 
 def build_llama(cfg: LlamaConfig, weights: dict[str, torch.Tensor], dtype=torch.float32,
-                device="cpu") -> LlamaModel:
+                device="cpu", consume: bool = False) -> LlamaModel:
+    """Our runtime's model from Hugging Face-named `weights`. `consume=True` empties `weights`
+    as it goes (and reuses tensors that need no conversion), so loading peaks near one copy
+    of the model instead of two; otherwise the caller's tensors are left untouched."""
     with torch.device("meta"):
         model = LlamaModel(cfg)
-    model = model.to_empty(device=device).to(dtype)
-    model.load_hf_state_dict({k: v.to(dtype) for k, v in weights.items()})
+    model.load_hf_state_dict(weights if consume else dict(weights), dtype, device, copy=not consume)
     return model.eval().requires_grad_(False)
