@@ -182,8 +182,7 @@ def load(model: str | None = None, device: str = "cpu", dtype: str | torch.dtype
     tokenizer = load_tokenizer(resolved.folder)
     if runtime in ("auto", "lean") and resolved.lean:
         cfg = LlamaConfig.from_hf_dict(config)
-        backbone = build_llama(cfg, load_weights(resolved.folder), torch_dtype, torch_device,
-                               consume=True)
+        backbone = build_llama(cfg, load_weights(resolved.folder), torch_dtype, torch_device)
         max_positions = cfg.max_position_embeddings
     else:
         backbone = HFBackbone.from_folder(resolved.folder, torch_dtype, torch_device)

@@ -150,15 +150,14 @@ class LlamaModel(nn.Module):
     # ---- weights -------------------------------------------------------------------------
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
-                           device=None, copy: bool = True) -> None:
+                           device=None) -> None:
         """Load Hugging Face-named weights (`model.layers.0.self_attn.q_proj.weight`, ...).
 
-        Tensors are taken out of `sd` one by one and become the parameters themselves
-        (`assign`), so a source tensor is freed as soon as its converted form exists (when
-        nobody else holds it). `copy=False` lets a parameter share a source tensor's memory
-        where no conversion is needed."""
+        Each parameter is a fresh tensor in our layout, assigned as is (no second copy into
+        preallocated parameters). Fresh, never a view of `sd`: safetensors tensors are views
+        of a memory-mapped file, and one kept view keeps the whole mapping resident."""
         def take(name: str) -> torch.Tensor:
-            return sd.pop(name).to(device=device, dtype=dtype, copy=copy)
+            return sd[name].to(device=device, dtype=dtype, copy=True)
 
         def transposed(t: torch.Tensor) -> torch.Tensor:
             return t.t().contiguous()
@@ -260,11 +259,10 @@ def causal_mask(past: int, t: int, device=None) -> torch.Tensor:
 
 
 def build_llama(cfg: LlamaConfig, weights: dict[str, torch.Tensor], dtype=torch.float32,
-                device="cpu", consume: bool = False) -> LlamaModel:
-    """Our runtime's model from Hugging Face-named `weights`. `consume=True` empties `weights`
-    as it goes (and reuses tensors that need no conversion), so loading peaks near one copy
-    of the model instead of two; otherwise the caller's tensors are left untouched."""
+                device="cpu") -> LlamaModel:
+    """Our runtime's model from Hugging Face-named `weights` (left untouched). Loading peaks
+    at the source weights plus one converted copy."""
     with torch.device("meta"):
         model = LlamaModel(cfg)
-    model.load_hf_state_dict(weights if consume else dict(weights), dtype, device, copy=not consume)
+    model.load_hf_state_dict(weights, dtype, device)
     return model.eval().requires_grad_(False)
