@@ -101,3 +101,11 @@ def test_transformers_methods_are_probed_without_our_weights(tiny_folder):
     assert model.stop_ids == (2,) and model.folder == tiny_folder
     result = probe(spec)  # in this process: checks the path, not the figures
     assert result["peak_memory_mb"] >= result["baseline_mb"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cuda_probe_reports_the_allocator_peak(tiny_folder):
+    out = memory_pass(["plain", "lookup"], settings(tiny_folder, device="cuda"), "the dog ran")
+    for name in ("plain", "lookup"):
+        assert "memory_note" not in out[name], out[name]
+        assert out[name]["cuda_peak_mb"] > 0  # the tiny model's weights and cache live on the GPU
