@@ -127,7 +127,8 @@ class AdaptiveBudget:
         return self.accepted / self.trials
 
     def update(self, proposed_depth: int, accepted_drafts: int, proposed_size: int = 0) -> int:
-        """After a step whose tree was `proposed_depth` deep and kept `accepted_drafts` drafts."""
+        """After a step whose tree was `proposed_depth` deep and kept `accepted_drafts` drafts.
+        (`proposed_size` is part of the shared interface; `CalibratedBudget` uses it.)"""
         self.steps += 1
         if proposed_depth > 0:
             # Each accepted draft was one success; a stop before the end was one failure.
@@ -179,7 +180,8 @@ class CalibratedBudget:
         self.steps += 1
         if proposed_size > 0:
             self.got = self.memory * self.got + accepted_drafts
-            self.wanted = self.memory * self.wanted + self.expected[min(proposed_size, self.max_budget)] - 1.0
+            promised = self.expected[min(proposed_size, self.max_budget)] - 1.0
+            self.wanted = self.memory * self.wanted + promised
         best = self.best()
         probe = best == 0 and self.steps % self.probe_every == 0
         self.budget = min(self.probe_size, self.max_budget) if probe else best

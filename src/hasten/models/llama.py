@@ -156,29 +156,30 @@ class LlamaModel(nn.Module):
         Each parameter is a fresh tensor in our layout, assigned as is (no second copy into
         preallocated parameters). Fresh, never a view of `sd`: safetensors tensors are views
         of a memory-mapped file, and one kept view keeps the whole mapping resident."""
-        def take(name: str) -> torch.Tensor:
+        def take(name: str) -> torch.Tensor:  # converted; a view of sd where nothing changes
+            return sd[name].to(device=device, dtype=dtype)
+
+        def fresh(name: str) -> torch.Tensor:  # a parameter used as stored: always its own copy
             return sd[name].to(device=device, dtype=dtype, copy=True)
 
-        def transposed(t: torch.Tensor) -> torch.Tensor:
+        def transposed(t: torch.Tensor) -> torch.Tensor:  # contiguous() of a .t() is a new tensor
             return t.t().contiguous()
 
-        embed = take("model.embed_tokens.weight")
-        head = embed if self.config.tie_word_embeddings else take("lm_head.weight")
-        own = {"embed.weight": embed, "lm_head.weight_t": transposed(head)}
-        del head
-        own["norm.weight"] = take("model.norm.weight")
+        head = take("model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight")
+        own = {"embed.weight": fresh("model.embed_tokens.weight"), "lm_head.weight_t": transposed(head),
+               "norm.weight": fresh("model.norm.weight")}
         for i in range(self.config.num_layers):
             p = f"model.layers.{i}."
             att, mlp = p + "self_attn.", p + "mlp."
-            own[f"blocks.{i}.attn_norm.weight"] = take(p + "input_layernorm.weight")
-            own[f"blocks.{i}.mlp_norm.weight"] = take(p + "post_attention_layernorm.weight")
-            own[f"blocks.{i}.wqkv.weight_t"] = transposed(torch.cat([take(att + n + "_proj.weight") for n in "qkv"]))
+            own[f"blocks.{i}.attn_norm.weight"] = fresh(p + "input_layernorm.weight")
+            own[f"blocks.{i}.mlp_norm.weight"] = fresh(p + "post_attention_layernorm.weight")
+            qkv = torch.cat([take(att + n + "_proj.weight") for n in "qkv"])
+            own[f"blocks.{i}.wqkv.weight_t"] = transposed(qkv)
             if self.config.attention_bias:
                 own[f"blocks.{i}.wqkv.bias"] = torch.cat([take(att + n + "_proj.bias") for n in "qkv"])
             own[f"blocks.{i}.wo.weight_t"] = transposed(take(att + "o_proj.weight"))
             gate_up = torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])
             own[f"blocks.{i}.w_gate_up.weight_t"] = transposed(gate_up)
-            del gate_up
             own[f"blocks.{i}.w_down.weight_t"] = transposed(take(mlp + "down_proj.weight"))
         missing, unexpected = self.load_state_dict(own, strict=False, assign=True)
         if missing or unexpected:
