@@ -176,7 +176,7 @@ def cmd_generate(args) -> None:
 def cmd_bench(args) -> None:
     from .bench.methods import build_methods
     from .bench.chart import write_chart
-    from .bench.memory import memory_pass
+    from .bench.memory import memory_pass, rss_mb
     from .bench.prompts import load_prompt_set
     from .bench.runner import (category_table, machine_info, markdown_table, run_interleaved,
                                summarize, write_report)
@@ -212,7 +212,8 @@ def cmd_bench(args) -> None:
                                               "device", "runtime")}
     settings["memory"] = measure_memory
     b = model.backbone
-    memory = {"peak_process_rss_mb": round(peak_rss_mb(), 1),
+    # this process's peak: all methods together, as they share it
+    memory = {"peak_process_rss_mb": round(rss_mb("VmHWM"), 1),
               "weights_mb": round(sum(p.numel() * p.element_size() for p in b.parameters()) / 2**20, 1)}
     name = model.name
     if measure_memory:
@@ -251,12 +252,6 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # give the GPU memory back, so the probes have all of it
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (all methods together: they share one process)."""
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(argv: list[str] | None = None) -> int:
