@@ -1,0 +1,160 @@
+"""A differentiable forward over a shared prefix, for the two runtimes hasten has.
+
+GCG needs two things the decoding backbones do not offer: input *embeddings* (the gradient
+with respect to a one-hot suffix flows through `one_hot @ embedding matrix`) and a batch of
+B candidates that all continue the *same* prefix (the chat template and the goal). Both
+scorers here compute the prefix K/V once (`prefix(ids)`), then run a batch of embedded
+continuations against it (`hidden(prefix, embeds)`): the prefix K/V is expanded over the
+batch, never recomputed. Only the hidden states at the target positions go through the LM
+head (`logits(hidden)`), which on a 49k vocabulary is most of the saving for short rows.
+
+- `LeanScorer` reuses a `LlamaModel`'s modules and weights (optionally its first
+  `n_layers` blocks only, the self-draft) in its own attention loop; the decoding cache of
+  the model is not touched.
+- `HFScorer` drives any `transformers` causal LM through `inputs_embeds` and a fresh
+  `DynamicCache` per batch (Gemma's embedding scale is applied to one-hot embeddings too).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..models.llama import LlamaModel, causal_mask, rope_inv_freq, rotate_half
+
+
+class LeanScorer:
+    def __init__(self, model: LlamaModel, n_layers: int | None = None):
+        total = model.config.num_layers
+        n_layers = total if n_layers is None else n_layers
+        if not 1 <= n_layers <= total:
+            raise ValueError(f"layers must be in [1, {total}], got {n_layers}")
+        self.model, self.n_layers = model, n_layers
+        self.blocks = list(model.blocks[:n_layers])
+        self.device, self.dtype = model.device, model.dtype
+        self.vocab_size = model.config.vocab_size
+        self._cos = self._sin = None
+
+    # ---- embeddings ---------------------------------------------------------------------
+
+    @property
+    def embed_weight(self) -> torch.Tensor:
+        return self.model.embed.weight
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(ids)
+
+    def embed_one_hot(self, one_hot: torch.Tensor) -> torch.Tensor:
+        return one_hot @ self.embed_weight
+
+    # ---- forward ------------------------------------------------------------------------
+
+    def _rope(self, start: int, t: int):
+        if self._cos is None or self._cos.shape[0] < start + t:
+            n = max(start + t, 512)
+            inv_freq, divisor = rope_inv_freq(self.model.config)
+            angles = torch.outer(torch.arange(n, dtype=torch.float64) / divisor, inv_freq)
+            angles = torch.cat([angles, angles], dim=-1)
+            self._cos = angles.cos().to(self.device, self.dtype)
+            self._sin = angles.sin().to(self.device, self.dtype)
+        return self._cos[start:start + t], self._sin[start:start + t]
+
+    def _run(self, x: torch.Tensor, past: list | None):
+        """x [B, T, D] after `past` (per layer (k, v) [1, n_kv, P, hd]) -> (normed hidden, kv)."""
+        b, t, _ = x.shape
+        p = past[0][0].shape[2] if past else 0
+        cos, sin = self._rope(p, t)
+        mask = causal_mask(p, t, self.device) if p else None
+        kv = []
+        for i, blk in enumerate(self.blocks):
+            q, k, v = blk.wqkv(blk.attn_norm(x)).split(blk.split, dim=-1)
+            q = q.view(b, t, blk.n_heads, blk.hd).transpose(1, 2)
+            k = k.view(b, t, blk.n_kv, blk.hd).transpose(1, 2)
+            v = v.view(b, t, blk.n_kv, blk.hd).transpose(1, 2)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            kv.append((k, v))
+            if past:
+                pk, pv = past[i]
+                k = torch.cat([pk.expand(b, -1, -1, -1), k], dim=2)
+                v = torch.cat([pv.expand(b, -1, -1, -1), v], dim=2)
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                  enable_gqa=blk.n_kv != blk.n_heads)
+            x = x + blk.wo(attn.transpose(1, 2).reshape(b, t, -1))
+            gate, up = blk.w_gate_up(blk.mlp_norm(x)).chunk(2, dim=-1)
+            x = x + blk.w_down(F.silu(gate) * up)
+        return self.model.norm(x), kv
+
+    def prefix(self, ids: list[int]):
+        """The K/V of the shared prefix, per layer, computed once (no gradient)."""
+        with torch.no_grad():
+            x = self.embed(torch.tensor([ids], device=self.device))
+            return self._run(x, None)[1]
+
+    def hidden(self, prefix, embeds: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states [B, T, D] of embedded rows continuing the prefix."""
+        return self._run(embeds, prefix)[0]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)
+
+
+class HFScorer:
+    """The same interface over a `transformers` causal LM (e.g. `HFBackbone.model`)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval()
+        self.config = model.config.get_text_config(decoder=True)
+        self.vocab_size = int(self.config.vocab_size)
+        self._embedding = model.get_input_embeddings()
+        scale = getattr(self._embedding, "embed_scale", None)  # Gemma scales its embeddings
+        self.scale = None if scale is None else float(scale)
+        self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    @property
+    def embed_weight(self) -> torch.Tensor:
+        return self._embedding.weight
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._embedding(ids)
+
+    def embed_one_hot(self, one_hot: torch.Tensor) -> torch.Tensor:
+        x = one_hot @ self.embed_weight
+        return x if self.scale is None else x * torch.tensor(self.scale, dtype=x.dtype)
+
+    def prefix(self, ids: list[int]):
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
+        cache = out.past_key_values
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def hidden(self, prefix, embeds: torch.Tensor) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        b, t, _ = embeds.shape
+        p = prefix[0][0].shape[2]
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(prefix):
+            cache.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), i)
+        positions = torch.arange(p, p + t, device=self.device).expand(b, t)
+        out = self.model.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True,
+                               position_ids=positions,
+                               cache_position=torch.arange(p, p + t, device=self.device))
+        return out.last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.lm_head(hidden)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def scorer_for(backbone, n_layers: int | None = None):
+    """The scorer for a hasten backbone: lean runtime or the transformers adapter."""
+    if isinstance(backbone, LlamaModel):
+        return LeanScorer(backbone, n_layers)
+    if n_layers is not None:
+        raise ValueError("a first-layers draft needs the lean runtime (a Llama-family target)")
+    return HFScorer(backbone.model)
