@@ -73,7 +73,8 @@ def target_loss(scorer, hidden: torch.Tensor, first: torch.Tensor, target: list[
     b, n = hidden.shape[0], len(target)
     index = first[:, None] + torch.arange(n, device=hidden.device)[None, :]  # [B, n]
     h = hidden.gather(1, index[..., None].expand(b, n, hidden.shape[-1]))
-    logits = scorer.logits(h).float()
+    logits = scorer.logits(h)
+    logits = logits.float() if logits.element_size() < 4 else logits  # half: CE in float32
     labels = torch.tensor(target, device=hidden.device).expand(b, n)
     ce = F.cross_entropy(logits.reshape(b * n, -1), labels.reshape(-1), reduction="none")
     exact = (logits.argmax(-1) == labels).all(-1)
