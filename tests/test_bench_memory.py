@@ -2,6 +2,7 @@
 (the probe process loads it by path, like `hasten bench --model FOLDER`)."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -55,9 +56,13 @@ def test_each_probe_reports_its_own_peak_and_a_broken_one_only_a_note(tiny_folde
     assert "cuda_peak_mb" not in plain
 
 
-def test_a_probe_that_takes_too_long_gives_a_note():
-    result = measure({"method": "plain", "prompt": "x"}, timeout=0.01)
-    assert result == {"peak_memory_mb": None, "memory_note": "no result within 0 s"}
+def test_a_probe_that_takes_too_long_gives_a_note(tmp_path, monkeypatch):
+    hanging = tmp_path / "python"  # a "Python" that never answers, however fast the machine
+    hanging.write_text("#!/bin/sh\nexec sleep 60\n")
+    hanging.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(hanging))
+    result = measure({"method": "plain", "prompt": "x"}, timeout=1)
+    assert result == {"peak_memory_mb": None, "memory_note": "no result within 1 s"}
 
 
 def test_memory_column_only_when_measured():
@@ -73,7 +78,7 @@ def test_memory_column_only_when_measured():
 
 
 def test_bench_command_reports_memory_and_categories(tiny_folder, tmp_path, capsys):
-    from hasten.cli import main
+    from hasten.commands import main
     prompts = tmp_path / "q.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in [
         {"category": "writing", "turns": ["the cat sat on the mat"]},

@@ -1,4 +1,8 @@
 import json
+import os
+from pathlib import Path
+
+import pytest
 
 from hasten.bench.runner import (MethodResult, category_table, markdown_table, rotation,
                                  run_interleaved, summarize, write_report)
@@ -56,21 +60,65 @@ def test_report_written_atomically(tmp_path):
     assert not list(path.parent.glob("*.tmp"))
 
 
-def test_llamacpp_peer_is_skipped_with_a_note_when_it_cannot_run(tmp_path, capsys, monkeypatch):
+def test_llamacpp_peer_is_unavailable_with_a_reason_when_it_cannot_run(tmp_path, monkeypatch):
     import sys
-    from types import SimpleNamespace
 
-    from hasten.bench.methods import build_methods, source_gguf
-    model = SimpleNamespace(stop_ids=(2,))
-    assert build_methods(["llamacpp"], model, tmp_path, 8) == {}  # not converted from a GGUF
-    assert "does not come from a GGUF" in capsys.readouterr().err
+    from hasten.bench.peers import PeerUnavailable, build_peer, source_gguf
+    settings = {"method": "llamacpp", "folder": str(tmp_path), "max_new_tokens": 8}
+    with pytest.raises(PeerUnavailable, match="does not come from a GGUF"):
+        build_peer(settings)  # not converted from a GGUF
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     (tmp_path / "manifest.json").write_text(json.dumps({"source": str(gguf)}))
     assert source_gguf(tmp_path) == gguf
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if not installed
-    assert build_methods(["llamacpp"], model, tmp_path, 8) == {}
-    assert "pip install llama-cpp-python" in capsys.readouterr().err
+    with pytest.raises(PeerUnavailable, match="pip install llama-cpp-python"):
+        build_peer(settings)
+
+
+# ---- peers in a process of their own ---------------------------------------------------------
+
+def isolated(monkeypatch, behaviour: str, **options):
+    """An IsolatedMethod whose child builds `fake_peers.build` (tests/fake_peers.py)."""
+    from hasten.bench.isolated import IsolatedMethod
+    tests = str(Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", tests + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return IsolatedMethod({"factory": "fake_peers:build", "behaviour": behaviour}, **options)
+
+
+def test_isolated_peer_runs_prompts_in_its_own_process(monkeypatch):
+    method = isolated(monkeypatch, "echo")
+    tokens, seconds, info = method([5, 6, 7])
+    assert tokens == [7, 6, 5] and seconds >= 0 and info["pid"] != os.getpid()
+    assert method([1])[0] == [1] and method([2])[2]["pid"] == info["pid"]  # one process, reused
+    method.close()
+
+
+@pytest.mark.parametrize("behaviour, reason", [
+    ("segfault", "failed: signal 11 (SIGSEGV)"),
+    ("exit", "failed: exit status 3: dying on purpose"),
+    ("refuse", "failed: RuntimeError: cannot build this peer"),
+])
+def test_a_peer_that_dies_costs_its_own_row_only(monkeypatch, behaviour, reason):
+    crashing = isolated(monkeypatch, behaviour)
+    plain = lambda prompt: (list(prompt), 0.5, {"steps": len(prompt)})  # noqa: E731
+    results = run_interleaved({"plain": plain, "peer": crashing}, [[1, 2], [3, 4], [5, 6]])
+    assert results["peer"].failure == reason and results["peer"].tokens == []
+    assert results["plain"].tokens == [[1, 2], [3, 4], [5, 6]]  # the others went on
+    summary = summarize(results, "plain")
+    assert summary["peer"] == {"failed": reason, "prompts": 0}
+    table = markdown_table(summary, "plain")
+    assert f"| peer | {reason} |" in table and "| plain |" in table
+
+
+def test_a_peer_that_hangs_is_timed_out(monkeypatch):
+    from hasten.bench.isolated import MethodFailed
+    hanging = isolated(monkeypatch, "hang", timeout=1.0)
+    with pytest.raises(MethodFailed, match="timed out after 1 s"):
+        hanging([1])
+    assert hanging.proc.poll() is not None  # the child was killed, not left running
+    with pytest.raises(MethodFailed, match="timed out"):
+        hanging([1])  # stays failed
 
 
 # ---- per-category results -----------------------------------------------------------------------

@@ -1,6 +1,6 @@
 import torch
 
-from hasten.decoding.budget import (AdaptiveBudget, CalibratedBudget, CostCurve, best_budget,
+from hasten.decoding.budget import (AdaptiveTreeSize, CalibratedTreeSize, ProbeSchedule, CostCurve, best_size,
                                     cached_cost_curve, expected_gain, fastest_size,
                                     measure_cost_curve)
 from hasten.decoding.engine import generate_speculative
@@ -20,23 +20,40 @@ def test_interpolation_and_gain():
 
 
 def test_cpu_gets_a_small_budget_gpu_a_large_one():
-    assert best_budget(GPU_LIKE, 0.8, 32) > best_budget(CPU_LIKE, 0.8, 32)
-    assert best_budget(CPU_LIKE, 0.1, 32) == 0  # drafts that are rarely right do not pay on a CPU
-    assert best_budget(CPU_LIKE, 0.95, 32) >= 4
+    assert best_size(GPU_LIKE, 0.8, 32) > best_size(CPU_LIKE, 0.8, 32)
+    assert best_size(CPU_LIKE, 0.1, 32) == 0  # drafts that are rarely right do not pay on a CPU
+    assert best_size(CPU_LIKE, 0.95, 32) >= 4
 
 
 def test_adaptive_budget_follows_acceptance():
-    ada = AdaptiveBudget(CPU_LIKE, 16)
+    ada = AdaptiveTreeSize(CPU_LIKE, 16)
     for _ in range(40):
-        ada.update(ada.budget, ada.budget)  # everything accepted
-    high = ada.budget
+        ada.update(ada.size, ada.size)  # everything accepted
+    high = ada.size
     budgets = []
     for _ in range(80):  # long enough for the exponential memory to forget the good run
-        budgets.append(ada.update(ada.budget, 0))  # nothing accepted
+        budgets.append(ada.update(ada.size, 0))  # nothing accepted
     assert high > 1 and ada.rate < 0.25  # rate is only measured on steps that draft
-    assert best_budget(CPU_LIKE, ada.rate, 16) == 0
-    # drafts that never land stop being verified, except a one-token probe every 8th step
-    assert budgets[-16:] == [0] * 7 + [1] + [0] * 7 + [1]
+    assert best_size(CPU_LIKE, ada.rate, 16) == 0
+    # drafts that never land stop being verified, except probes that grow rarer: 8, 16, ... 64
+    probes = [i for i, b in enumerate(budgets) if b and i >= 30]  # once drafting is off
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps and gaps == sorted(gaps) and gaps[-1] <= 64 and max(gaps) > 8
+    assert {budgets[i] for i in probes} == {1}
+
+
+def test_probe_schedule_backs_off_and_resets():
+    probe = ProbeSchedule(first=4, longest=16)
+    sizes = [probe.next(0, 3, 0) for _ in range(60)]  # nothing ever pays
+    probes = [i for i, s in enumerate(sizes) if s]
+    assert [b - a for a, b in zip(probes, probes[1:])][:3] == [8, 16, 16]
+    assert sizes[probes[0]] == 3 and probes[0] == 3
+    probe.next(0, 3, 0)
+    while probe.next(0, 3, 0) == 0:  # run up to the next probe, which then succeeds
+        pass
+    after = [probe.next(0, 3, 2)] + [probe.next(0, 3, 0) for _ in range(4)]
+    assert after.index(3) == 3  # back to the first wait after a probe gained tokens
+    assert probe.next(5, 3, 0) == 5  # a size that pays is used at once
 
 
 def test_measured_curve_and_cache(tmp_path):
@@ -54,8 +71,8 @@ def test_adaptive_generation_still_matches_plain():
     model, _ = tiny_pair()
     prompt = [1, 2, 3, 1, 2, 3, 1, 2]
     want = list(generate_plain(model, prompt, 30))
-    got = list(generate_speculative(model, LookupDrafter(), prompt, 30, tree_budget=8,
-                                    adaptive=AdaptiveBudget(CPU_LIKE, 8)))
+    got = list(generate_speculative(model, LookupDrafter(), prompt, 30, tree_size=8,
+                                    sizer=AdaptiveTreeSize(CPU_LIKE, 8)))
     assert got == want
 
 
@@ -64,34 +81,32 @@ EXPECTED = [1.0, 1.5, 1.8, 1.95, 2.05, 2.1, 2.13, 2.15, 2.16]  # E(n) of a store
 
 def test_calibrated_budget_starts_from_the_stored_curve():
     free = CostCurve([0, 8], [1.0, 1.0])
-    assert CalibratedBudget(free, EXPECTED, 64).budget == 8  # free verification: biggest tree
-    assert CalibratedBudget(free, EXPECTED, 3).budget == 3
+    assert CalibratedTreeSize(free, EXPECTED, 64).size == 8  # free verification: biggest tree
+    assert CalibratedTreeSize(free, EXPECTED, 3).size == 3
     steep = CostCurve([0, 1, 8], [1.0, 1.3, 3.4])
-    assert CalibratedBudget(steep, EXPECTED, 8).budget == fastest_size(EXPECTED.__getitem__, steep.cost, 8) == 1
+    assert CalibratedTreeSize(steep, EXPECTED, 8).size == fastest_size(EXPECTED.__getitem__, steep.cost, 8) == 1
 
 
 def test_calibrated_budget_follows_what_the_drafts_achieve():
-    cal = CalibratedBudget(CPU_LIKE, EXPECTED, 8)
-    start = cal.budget
+    cal = CalibratedTreeSize(CPU_LIKE, EXPECTED, 8)
+    start = cal.size
     assert start > 0
     for _ in range(30):  # drafts land exactly as expected: nothing changes
-        assert cal.update(1, EXPECTED[cal.budget] - 1, cal.budget) == start
+        assert cal.update(1, EXPECTED[cal.size] - 1, cal.size) == start
     budgets = []
-    for _ in range(60):  # no draft ever lands: the tree is turned off, with a probe every 8th step
-        budgets.append(cal.update(1, 0, cal.budget))
+    for _ in range(60):  # no draft ever lands: the tree is turned off, with rare probes
+        budgets.append(cal.update(1, 0, cal.size))
     assert cal.ratio < 0.5  # (only probes are measured once the tree is off)
-    last = budgets[-16:]
-    probes = [i for i, b in enumerate(last) if b]
-    assert len(probes) == 2 and probes[1] - probes[0] == 8 and {last[i] for i in probes} == {4}
+    assert budgets[-8:] == [0] * 8 and {b for b in budgets[20:]} <= {0, 4}
     for _ in range(60):  # drafts land far better than the stored curve says: back on, larger
-        cal.update(4, 4, cal.budget or 4)
-    assert cal.ratio > 1.5 and cal.budget >= start
+        cal.update(4, 4, cal.size or 4)
+    assert cal.ratio > 1.5 and cal.size >= start
 
 
 def test_calibrated_generation_still_matches_plain():
     model, _ = tiny_pair()
     prompt = [1, 2, 3, 1, 2, 3, 1, 2]
     want = list(generate_plain(model, prompt, 30))
-    got = list(generate_speculative(model, LookupDrafter(), prompt, 30, tree_budget=8,
-                                    adaptive=CalibratedBudget(CPU_LIKE, EXPECTED, 8)))
+    got = list(generate_speculative(model, LookupDrafter(), prompt, 30, tree_size=8,
+                                    sizer=CalibratedTreeSize(CPU_LIKE, EXPECTED, 8)))
     assert got == want

@@ -28,4 +28,4 @@ def test_speculative_greedy_matches_plain_on_cuda():
     ours = build_llama(cfg, hf_reference(cfg).state_dict(), dtype=torch.float64, device="cuda")
     for prompt in ([1, 2, 3, 1, 2, 3, 1], [5, 6, 7, 8, 5, 6]):
         want = list(generate_plain(ours, prompt, 30))
-        assert list(generate_speculative(ours, LookupDrafter(), prompt, 30, tree_budget=8)) == want
+        assert list(generate_speculative(ours, LookupDrafter(), prompt, 30, tree_size=8)) == want

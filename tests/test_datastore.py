@@ -3,7 +3,6 @@ from text sources. Everything is checked against naive definitions on small rand
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -350,18 +349,19 @@ def test_stdlib_source():
 
 def test_cli_build_and_info(tmp_path, monkeypatch, capsys):
     tok = word_tokenizer(WORDS)
-    monkeypatch.setattr(dsmod, "load_tokenizer_only", lambda spec: (tok, "words"))
+    from hasten.commands import build_parser
+    from hasten.commands import datastore as command
+    monkeypatch.setattr(command, "load_tokenizer_only", lambda spec: (tok, "words"))
     (tmp_path / "a.txt").write_text("def x ( ) : return x")
-    parser = argparse.ArgumentParser()
-    dsmod.add_datastore_parser(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     out = tmp_path / "a.hds"
-    dsmod.cmd_datastore(parser.parse_args(["datastore", "build", str(tmp_path / "a.txt"),
+    command.run(parser.parse_args(["datastore", "build", str(tmp_path / "a.txt"),
                                            "--output", str(out)]))
     assert "wrote" in capsys.readouterr().err
-    dsmod.cmd_datastore(parser.parse_args(["datastore", "info", str(out), "--verify"]))
+    command.run(parser.parse_args(["datastore", "info", str(out), "--verify"]))
     info = json.loads(capsys.readouterr().out)
     assert info["num_tokens"] == 7 and info["num_documents"] == 1
     assert info["tokenizer"]["name"] == "words" and info["checked"] == "structure and checksums"
     with pytest.raises(DatastoreError, match="--force"):
-        dsmod.cmd_datastore(parser.parse_args(["datastore", "build", str(tmp_path / "a.txt"),
+        command.run(parser.parse_args(["datastore", "build", str(tmp_path / "a.txt"),
                                                "--output", str(out)]))

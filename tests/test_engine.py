@@ -62,7 +62,7 @@ def model():
 def test_random_trees_with_duplicates_match_plain(model):
     for i, prompt in enumerate(random_prompts(12, 0)):
         want = list(generate_plain(model, prompt, 24))
-        got = spec(model, RandomTreeDrafter(i, oracle=want), prompt, 24, tree_budget=8)
+        got = spec(model, RandomTreeDrafter(i, oracle=want), prompt, 24, tree_size=8)
         assert got == want
 
 
@@ -70,7 +70,7 @@ def test_random_trees_with_duplicates_match_plain(model):
 def test_lookup_matches_plain(model, budget):
     for prompt in random_prompts(8, 1, vocab=5):  # small vocab -> many repeats
         want = list(generate_plain(model, prompt, 30))
-        assert spec(model, LookupDrafter(), prompt, 30, tree_budget=budget) == want
+        assert spec(model, LookupDrafter(), prompt, 30, tree_size=budget) == want
 
 
 def test_self_draft_and_separate_draft_model_match_plain(model):
@@ -79,7 +79,7 @@ def test_self_draft_and_separate_draft_model_match_plain(model):
     for drafter in (ModelDrafter(self_draft(model, 1), depth=3), ModelDrafter(other, depth=4)):
         for prompt in random_prompts(6, 2):
             want = list(generate_plain(model, prompt, 20))
-            assert spec(model, drafter, prompt, 20, tree_budget=4) == want
+            assert spec(model, drafter, prompt, 20, tree_size=4) == want
 
 
 def test_perfect_drafter_accepts_long_paths_and_stops_at_max_new_tokens(model):
@@ -87,7 +87,7 @@ def test_perfect_drafter_accepts_long_paths_and_stops_at_max_new_tokens(model):
     want = list(generate_plain(model, prompt, 40))
     for n in (1, 2, 7, 13, 40):  # max_new_tokens lands mid-path
         stats = GenerationStats()
-        got = spec(model, RandomTreeDrafter(0, oracle=want), prompt, n, tree_budget=4, stats=stats)
+        got = spec(model, RandomTreeDrafter(0, oracle=want), prompt, n, tree_size=4, stats=stats)
         assert got == want[:n]
         assert stats.finish_reason == "length"
     assert max(stats.accepted) >= 3  # the oracle chain was accepted several tokens at a time
@@ -100,7 +100,7 @@ def test_stop_token_inside_an_accepted_path(model):
     cut = want.index(stop) + 1
     stats = GenerationStats()
     got = spec(model, RandomTreeDrafter(0, oracle=want), prompt, 30, stop_ids=(stop,),
-               tree_budget=6, stats=stats)
+               tree_size=6, stats=stats)
     assert got == want[:cut]
     assert stats.finish_reason == "stop"
 
@@ -109,7 +109,7 @@ def test_context_capacity_stops_gracefully_never_corrupts(model):
     prompt = [1] * 240
     want = list(generate_plain(model, prompt, 50, max_positions=256))
     stats = GenerationStats()
-    got = spec(model, LookupDrafter(), prompt, 50, max_positions=256, tree_budget=8, stats=stats)
+    got = spec(model, LookupDrafter(), prompt, 50, max_positions=256, tree_size=8, stats=stats)
     assert got == want[:len(got)]
     assert stats.finish_reason == "context"
     assert len(got) >= len(want) - 1

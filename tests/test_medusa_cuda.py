@@ -42,7 +42,7 @@ def test_medusa_pipeline_on_cuda(tmp_path, dtype):
     assert loaded.heads.weight.device.type == "cuda" and loaded.heads.weight.dtype == dtype
     drafter = MedusaDrafter(loaded.heads, loaded.choices, backbone.lm_head.weight)
     for _, prompt, _ in prompts[:4]:
-        got = list(generate_speculative(backbone, drafter, prompt, 30, tree_budget=16))
+        got = list(generate_speculative(backbone, drafter, prompt, 30, tree_size=16))
         if dtype == torch.float32:  # half precision may flip near-ties between shapes
             assert got == list(generate_plain(backbone, prompt, 30))
 

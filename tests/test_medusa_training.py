@@ -55,7 +55,7 @@ def trained(tiny):
     out = tiny.root / "heads"
     meta = run_medusa1(tiny.backbone, tiny.records, out, name="tiny", model_key="tiny",
                        num_heads=K, cfg=TrainConfig(epochs=8, batch_size=64, lr=3e-2, log_every=10),
-                       holdout=0.15, tree_size=24, progress=False, log=lambda m: None)
+                       holdout=0.15, tree_nodes=24, progress=False, log=lambda m: None)
     return SimpleNamespace(out=out, meta=meta)
 
 
@@ -194,7 +194,7 @@ def test_medusa_greedy_equals_plain_greedy(tiny, trained):
             plain = list(generate_plain(tiny.backbone, prompt, 40, stop_ids=(2,)))
             stats = GenerationStats()
             spec = list(generate_speculative(tiny.backbone, drafter, prompt, 40, stop_ids=(2,),
-                                             tree_budget=budget, stats=stats))
+                                             tree_size=budget, stats=stats))
             assert spec == plain
             gained.append(stats.mean_accepted)
     # trained heads do get drafts accepted (the hidden/target alignment is right)
@@ -208,7 +208,7 @@ def test_medusa_greedy_equals_plain_greedy(tiny, trained):
     heads.draft_vocab = torch.arange(0, 97, 2)
     rnd = MedusaDrafter(heads.eval(), None, tiny.backbone.lm_head.weight)
     for prompt in prompts[:3]:
-        assert list(generate_speculative(tiny.backbone, rnd, prompt, 30, tree_budget=16)) == \
+        assert list(generate_speculative(tiny.backbone, rnd, prompt, 30, tree_size=16)) == \
             list(generate_plain(tiny.backbone, prompt, 30))
 
 
@@ -219,7 +219,7 @@ def test_research_tree_with_draft_vocab(tiny, trained, tmp_path):
     folder = tmp_path / "h"
     shutil.copytree(trained.out, folder, ignore=shutil.ignore_patterns("cache", "checkpoint.pt"))
     tree = research_tree(tiny.backbone, folder, tiny.records, name="tiny", model_key="tiny",
-                         holdout=0.15, tree_size=12, draft_vocab=40, progress=False, log=lambda m: None)
+                         holdout=0.15, tree_nodes=12, draft_vocab=40, progress=False, log=lambda m: None)
     loaded = load_heads(folder, tiny.backbone)
     assert len(loaded.choices) == 12 and loaded.heads.draft_vocab.numel() == 40
     assert loaded.meta["expected_lengths"] == tree["expected_lengths"]
@@ -246,7 +246,7 @@ def test_medusa2_lora_lowers_loss_and_exports(tiny):
     assert loaded.choices and loaded.meta["training"]["medusa"] == 2
     drafter = medusa_drafter(SimpleNamespace(backbone=merged, name="m2", folder=target))
     prompt = tiny.prompts[0][1]
-    assert list(generate_speculative(merged, drafter, prompt, 20, tree_budget=8)) == \
+    assert list(generate_speculative(merged, drafter, prompt, 20, tree_size=8)) == \
         list(generate_plain(merged, prompt, 20))
 
 
@@ -265,12 +265,9 @@ def test_medusa2_full_finetune_ce(tiny, tmp_path):
 # ---- command line ----------------------------------------------------------------------------
 
 def test_cli_parsers():
-    from hasten.medusa.cli import add_distill_parser, add_train_parser
+    from hasten.commands import build_parser
 
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    add_distill_parser(sub)
-    add_train_parser(sub)
+    parser = build_parser()
     a = parser.parse_args(["distill", "--prompts", "sharegpt", "--limit", "5", "--out", "x.jsonl",
                            "--batch-size", "8", "--temperature", "0.7", "--device", "cuda"])
     assert (a.limit, a.batch_size, a.temperature, a.device) == (5, 8, 0.7, "cuda")
@@ -279,13 +276,15 @@ def test_cli_parsers():
     assert a.train_target == "medusa" and a.epochs == 3 and not a.joint and a.draft_vocab == 8192
     a = parser.parse_args(["train", "medusa", "--data", "x", "--out", "h", "--joint", "--lora-r", "0"])
     assert a.joint and a.lora_r == 0
-    a = parser.parse_args(["train", "medusa-tree", "--heads-dir", "h", "--data", "x", "--tree-size", "16"])
-    assert a.tree_size == 16
+    a = parser.parse_args(["train", "medusa-tree", "--heads-dir", "h", "--data", "x", "--tree-nodes", "16"])
+    assert a.tree_nodes == 16
+    with pytest.raises(SystemExit):  # --tree-size is the per-step draft size everywhere else
+        parser.parse_args(["train", "medusa", "--data", "x", "--out", "h", "--tree-size", "16"])
 
 
 def test_medusa1_on_a_reduced_draft_vocabulary(tiny, tmp_path):
     meta = run_medusa1(tiny.backbone, tiny.records, tmp_path / "h", num_heads=2, draft_vocab=40,
-                       cfg=TrainConfig(epochs=3, batch_size=64, lr=3e-2), holdout=0.15, tree_size=8,
+                       cfg=TrainConfig(epochs=3, batch_size=64, lr=3e-2), holdout=0.15, tree_nodes=8,
                        save_dtype=torch.float16, progress=False, log=lambda m: None)
     assert meta["draft_vocab_size"] == 40 and meta["dtype"] == "float16"
     loaded = load_heads(tmp_path / "h", tiny.backbone)
@@ -294,5 +293,5 @@ def test_medusa1_on_a_reduced_draft_vocabulary(tiny, tmp_path):
     h = torch.randn(32)
     assert set(drafter.propose([1], 8, h).token_list) <= vocab
     prompt = tiny.prompts[1][1]
-    assert list(generate_speculative(tiny.backbone, drafter, prompt, 30, tree_budget=8)) == \
+    assert list(generate_speculative(tiny.backbone, drafter, prompt, 30, tree_size=8)) == \
         list(generate_plain(tiny.backbone, prompt, 30))

@@ -55,7 +55,7 @@ def test_chat_template_is_applied_by_default(model):
 
 
 def test_cli_writes_only_the_text_to_stdout():
-    run = subprocess.run([sys.executable, "-m", "hasten.cli", "generate", "-n", "12", "--stats",
+    run = subprocess.run([sys.executable, "-m", "hasten", "generate", "-n", "12", "--stats",
                           "What is the capital of France?"], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr
@@ -64,7 +64,7 @@ def test_cli_writes_only_the_text_to_stdout():
 
 
 def test_cli_reports_bad_model_path_without_traceback():
-    run = subprocess.run([sys.executable, "-m", "hasten.cli", "generate", "--model", "/no/such.gguf", "hi"],
+    run = subprocess.run([sys.executable, "-m", "hasten", "generate", "--model", "/no/such.gguf", "hi"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2
     assert "hasten: error:" in run.stderr and "Traceback" not in run.stderr

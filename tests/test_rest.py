@@ -197,7 +197,7 @@ def test_greedy_rest_equals_plain_greedy(model, tmp_path):
             for p in train[:3] + prompts(3, 1):  # seen and unseen prompts
                 want = list(generate_plain(model, p, 40))
                 stats = GenerationStats()
-                got = list(generate_speculative(model, drafter, p, 40, tree_budget=budget,
+                got = list(generate_speculative(model, drafter, p, 40, tree_size=budget,
                                                 stats=stats))
                 assert got == want, (budget, p)
                 accepted.append(stats.mean_accepted)

@@ -10,66 +10,61 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from .decoding.budget import AdaptiveBudget, CalibratedBudget, CostCurve, cached_cost_curve
+from .decoding.budget import (MAX_TREE_SIZE, AdaptiveTreeSize, CalibratedTreeSize, CostCurve,
+                              cached_cost_curve)
 from .decoding.engine import generate_speculative
-from .decoding.generate import GenerationStats, generate_plain
+from .decoding.stats import GenerationStats
 from .decoding.sampling import SamplingParams
-from .drafters import make_drafter
+from .drafters import DraftSpec, build_drafter
 from .errors import HastenError
 from .models.backbone import Backbone
-from .models.config import LlamaConfig
-from .models.hf_adapter import HFBackbone
-from .models.llama import build_llama
-from .models.sources import cache_root, load_tokenizer, load_weights, resolve_model
+from .models.loader import DTYPES, load_backbone, parse_device, parse_dtype, stop_ids
+from .paths import cache_root
 
-# Upper bound on draft nodes per step; the measured verify costs pick the size actually used
-# (a CPU settles on a few nodes, a GPU, where 64 tokens cost about what one does, on many).
-MAX_TREE_SIZE = 64
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float64": torch.float64}
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise HastenError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def parse_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HastenError("--device cuda was asked for but this torch build sees no CUDA GPU; "
-                          "use --device cpu")
-    return device
+__all__ = ["DTYPES", "DraftSpec", "Detokenizer", "MAX_TREE_SIZE", "Model", "load", "parse_device",
+           "parse_dtype", "stop_ids"]
 
 
 class Detokenizer:
-    """Turns a growing list of token ids into text pieces, holding back incomplete characters."""
+    """Turns a growing list of token ids into text pieces, in time linear in the tokens.
 
-    def __init__(self, tokenizer):
+    Only a short window is decoded per token (vLLM's and TGI's scheme): the text of the ids
+    from `prefix` to `read` was already emitted; decoding from `prefix` to the end and
+    removing that text gives the new piece. Starting the window a few tokens back keeps
+    tokenizers that treat the first token of a decode specially (a leading space) exact.
+    A piece that ends in an incomplete UTF-8 character is held back until the rest arrives;
+    `flush` returns what is left at the end. The pieces join to the full decode."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
-        self.emitted = ""
+        self.prefix = self.read = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+        """The new text this token completes ("" while a character is incomplete)."""
+        self.ids.append(int(token))
+        done = self._decode(self.ids[self.prefix:self.read]) if self.read > self.prefix else ""
+        text = self._decode(self.ids[self.prefix:])
+        if len(text) <= len(done) or text.endswith("\ufffd"):
             return ""
-        piece, self.emitted = text[len(self.emitted):], text
-        return piece
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(done):]
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        done = self._decode(self.ids[self.prefix:self.read]) if self.read > self.prefix else ""
+        text = self._decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return text[len(done):]
 
 
 class Model:
@@ -85,6 +80,7 @@ class Model:
         self.max_positions = max_positions
         self.stop_ids = stop_ids
         self.last_stats = GenerationStats()
+        self._drafters: dict[DraftSpec, object] = {}
 
     @property
     def has_chat_template(self) -> bool:
@@ -111,37 +107,43 @@ class Model:
                                                   tokenize=False)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def drafter(self, draft: str | DraftSpec | None):
+        """The drafter for a name or spec, built once per model and reused (drafters reset at
+        the start of each generation; Medusa heads are read from disk once)."""
+        spec = draft if isinstance(draft, DraftSpec) else DraftSpec.of(draft)
+        if spec not in self._drafters:
+            self._drafters[spec] = build_drafter(spec, self)
+        return self._drafters[spec]
+
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 256,
                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                      seed: int | None = None, draft=None, tree_size: int | None = None,
                      typical: bool = False, ignore_eos: bool = False) -> Iterator[int]:
         """New token ids, streamed. `draft`: None (plain decoding), a drafter name ("lookup",
-        "model", "medusa"; "rest" needs `make_drafter(..., datastore=...)`) or a drafter
-        object. `tree_size`: draft nodes per step; None = chosen for this hardware from
-        measured verify costs. `typical`: Medusa's lossy acceptance (opt-in). `ignore_eos`:
-        always generate `max_new_tokens` (benchmarks: the same work for every method)."""
+        "model", "medusa"), a `DraftSpec` with options (`DraftSpec("rest", datastore=PATH)`)
+        or a drafter object. `tree_size`: most draft nodes per step; None = chosen each step
+        for this hardware from measured verify costs (up to `MAX_TREE_SIZE`). `typical`:
+        Medusa's lossy acceptance (opt-in). `ignore_eos`: always generate `max_new_tokens`
+        (benchmarks: the same work for every method)."""
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device="cpu").manual_seed(seed)
+        if tree_size is not None and tree_size < 0:
+            raise HastenError(f"tree_size must be >= 0, got {tree_size}")
+        # Draws happen on the CPU whatever the device (see decoding.sampling).
+        generator = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
         self.last_stats = GenerationStats()
-        stop_ids = () if ignore_eos else self.stop_ids
-        if isinstance(draft, str):
-            draft = make_drafter(draft, self)
-        if draft is None:
-            return generate_plain(self.backbone, prompt_ids, max_new_tokens, params, stop_ids,
-                                  generator, self.max_positions, self.last_stats)
-        adaptive = None
-        if tree_size is None and getattr(draft, "expected_lengths", None):
+        stops = () if ignore_eos else self.stop_ids
+        if draft is None or isinstance(draft, (str, DraftSpec)):
+            draft = self.drafter(draft)
+        sizer = None
+        if draft is not None and tree_size is None:
+            expected = getattr(draft, "expected_lengths", None)
             # A static tree with measured expected lengths (Medusa): its size is picked from
             # them and the verify costs, corrected each step by how the drafts actually do.
-            adaptive = CalibratedBudget(self.cost_curve(), draft.expected_lengths, MAX_TREE_SIZE)
-        elif tree_size is None:
-            adaptive = AdaptiveBudget(self.cost_curve(), MAX_TREE_SIZE)
+            sizer = (CalibratedTreeSize(self.cost_curve(), expected, MAX_TREE_SIZE) if expected
+                     else AdaptiveTreeSize(self.cost_curve(), MAX_TREE_SIZE))
         return generate_speculative(self.backbone, draft, prompt_ids, max_new_tokens, params,
-                                    stop_ids, generator, self.max_positions,
-                                    MAX_TREE_SIZE if tree_size is None else tree_size, typical,
-                                    adaptive, self.last_stats)
+                                    stops, generator, self.max_positions, tree_size, typical,
+                                    sizer, self.last_stats)
 
     def cost_curve(self) -> CostCurve:
         """Verify cost per tree size on this model/device/dtype, measured once and cached."""
@@ -160,7 +162,12 @@ class Model:
         for token in self.generate_ids(self.encode(prompt, chat, system), max_new_tokens,
                                        **options):
             if token not in self.stop_ids:
-                yield detok.add(token)
+                piece = detok.add(token)
+                if piece:
+                    yield piece
+        rest = detok.flush()
+        if rest:
+            yield rest
 
     def generate(self, prompt: str | list[dict], max_new_tokens: int = 256, **kwargs) -> str:
         return "".join(self.stream(prompt, max_new_tokens, **kwargs))
@@ -171,30 +178,6 @@ def load(model: str | None = None, device: str = "cpu", dtype: str | torch.dtype
     """Load a model by spec: None/"smollm2-135m-instruct" (embedded default), a .gguf file, or a
     Hugging Face folder. `runtime`: "lean" (our Llama-family runtime), "hf" (the generic
     transformers adapter) or "auto" (lean when the architecture allows)."""
-    if runtime not in ("auto", "lean", "hf"):
-        raise HastenError(f"unknown runtime {runtime!r}; choose auto, lean or hf")
-    torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
-    resolved = resolve_model(model, progress=progress)
-    config = json.loads((resolved.folder / "config.json").read_text())
-    if runtime == "lean" and not resolved.lean:
-        raise HastenError(f"{resolved.name} ({config.get('model_type')}) is not a Llama-family "
-                          "model; use --runtime hf or auto")
-    tokenizer = load_tokenizer(resolved.folder)
-    if runtime in ("auto", "lean") and resolved.lean:
-        cfg = LlamaConfig.from_hf_dict(config)
-        backbone = build_llama(cfg, load_weights(resolved.folder), torch_dtype, torch_device)
-        max_positions = cfg.max_position_embeddings
-    else:
-        backbone = HFBackbone.from_folder(resolved.folder, torch_dtype, torch_device)
-        max_positions = config.get("max_position_embeddings") or 4096
-    return Model(backbone, tokenizer, resolved.name, max_positions, stop_ids(config, tokenizer),
-                 folder=resolved.folder)
-
-
-def stop_ids(config: dict, tokenizer) -> tuple[int, ...]:
-    """EOS ids from the model config and the tokenizer (chat models often end turns with both)."""
-    ids = config.get("eos_token_id")
-    ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return tuple(sorted(ids))
+    loaded = load_backbone(model, device, dtype, runtime, progress)
+    return Model(loaded.backbone, loaded.tokenizer, loaded.name, loaded.max_positions,
+                 loaded.stop_ids, folder=loaded.folder)

@@ -14,7 +14,7 @@ def write_chart(summary: dict[str, dict], baseline: str, path: Path, title: str)
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    names = list(summary)
+    names = [n for n in summary if "failed" not in summary[n]]  # failed rows have no speed
     speed = [summary[n]["speedup_vs_" + baseline] for n in names]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     med = [s["median"] for s in speed]

@@ -57,6 +57,7 @@ def probe(spec: dict) -> dict:
     import transformers  # every method needs it (tokenizer at least): part of the baseline
 
     from ..errors import HastenError
+    from ..drafters import DraftSpec
     from .methods import build_methods
     transformers.logging.set_verbosity_error()
     if spec.get("threads"):
@@ -66,10 +67,9 @@ def probe(spec: dict) -> dict:
     model = load_for(spec)
     notes = io.StringIO()  # build_methods says on stderr why it skips a method
     with redirect_stderr(notes):
-        methods = build_methods([name], model, model.folder, spec["max_new_tokens"],
+        methods = build_methods([name], model, spec["max_new_tokens"],
                                 stop=spec.get("stop", True), tree_size=spec.get("tree_size"),
-                                datastore=spec.get("datastore"),
-                                medusa_heads=spec.get("medusa_heads"))
+                                draft=DraftSpec.of(**spec.get("draft", {})), isolate=False)
     if name not in methods:
         raise HastenError(notes.getvalue().strip() or f"{name} was not built")
     load_peak = rss_mb("VmHWM")
@@ -98,7 +98,8 @@ def load_for(spec: dict):
 def weightless_model(spec: dict):
     from types import SimpleNamespace
 
-    from ..api import Model, parse_device, parse_dtype, stop_ids
+    from ..api import Model
+    from ..models.loader import parse_device, parse_dtype, stop_ids
     from ..models.sources import load_tokenizer, resolve_model
     resolved = resolve_model(spec.get("model"), progress=False)
     config = json.loads((resolved.folder / "config.json").read_text())

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .isolated import MethodFailed
+
 # A method returns (new token ids, seconds) or (new token ids, seconds, info), where info may
 # hold "steps" (decode steps), "ttft" (seconds to the first token) and "accepted" (tokens
 # gained at each step).
@@ -34,6 +36,7 @@ class MethodResult:
     steps: list[int | None] = field(default_factory=list)  # decode steps, where the method says
     ttft: list[float | None] = field(default_factory=list)  # seconds to first token, likewise
     accepted: list[int] = field(default_factory=list)  # tokens gained per step, all prompts
+    failure: str | None = None  # why the method stopped running (crash, timeout, unavailable)
 
     def add(self, tokens: list[int], seconds: float, info: dict) -> None:
         self.tokens.append(list(tokens))
@@ -69,18 +72,36 @@ def rotation(methods: list[str], index: int) -> list[str]:
 
 def run_interleaved(methods: dict[str, Method], prompts: list[list[int]], warmup: bool = True,
                     progress: Callable[[str], None] | None = None) -> dict[str, MethodResult]:
+    """Every method on every prompt, in rotating order. A method that raises `MethodFailed`
+    (a peer whose process crashed or hung) keeps its reason and is not run again; the others
+    go on."""
     names = list(methods)
+    results = {name: MethodResult(name) for name in names}
+
+    def attempt(name: str, prompt: list[int]):
+        try:
+            return methods[name](prompt)
+        except MethodFailed as e:
+            results[name].failure = str(e)
+            if progress:
+                progress(f"{name}: {e}; the other methods go on")
+            return None
+
     if warmup:
         for name in names:
-            methods[name](prompts[0])
-    results = {name: MethodResult(name) for name in names}
+            attempt(name, prompts[0])
     for i, prompt in enumerate(prompts):
         for name in rotation(names, i):
-            tokens, seconds, *info = methods[name](prompt)
-            results[name].add(tokens, seconds, info[0] if info else {})
+            if results[name].failure:
+                continue
+            outcome = attempt(name, prompt)
+            if outcome is not None:
+                tokens, seconds, *info = outcome
+                results[name].add(tokens, seconds, info[0] if info else {})
         if progress:
             progress(f"prompt {i + 1}/{len(prompts)}: " + ", ".join(
-                f"{n} {results[n].tokens_per_second[-1]:.1f} tok/s" for n in names))
+                f"{n} {results[n].tokens_per_second[-1]:.1f} tok/s" for n in names
+                if not results[n].failure))
     return results
 
 
@@ -93,6 +114,9 @@ def summarize(results: dict[str, MethodResult], baseline: str,
     groups = category_groups(categories) if categories and any(categories) else None
     out = {}
     for name, r in results.items():
+        if r.failure:  # its row says why; speeds over a part of the prompts would mislead
+            out[name] = {"failed": r.failure, "prompts": len(r.tokens)}
+            continue
         out[name] = {
             **speed_stats(r, base, baseline),
             "tokens_per_second": r.tokens_per_second,
@@ -158,6 +182,9 @@ def markdown_table(summary: dict[str, dict], baseline: str) -> str:
     header += " peak RSS MB (while generating) |" * memory + " CUDA peak MB |" * cuda
     lines = [header, "|---|---:|---:|---:|---:|" + "---:|" * (memory + cuda)]
     for name, s in summary.items():
+        if "failed" in s:
+            lines.append(f"| {name} | {s['failed']} | - | - | - |" + " - |" * (memory + cuda))
+            continue
         sp = s["speedup_vs_" + baseline]
         acc = s.get("mean_accepted_per_step")
         row = (f"| {name} | {s['median_tokens_per_second']:.1f} | {sp['median']:.2f}x "
@@ -183,7 +210,7 @@ def _mb(value: float | None) -> str:
 def category_table(summary: dict[str, dict], baseline: str) -> str:
     """Rows = categories, one column per method (the baseline is 1.00x by definition): median
     speedup, and tokens per step where the method reports steps. "" without categories."""
-    methods = [n for n, s in summary.items() if n != baseline and s.get("by_category")]
+    methods = [n for n, s in summary.items() if n != baseline and s.get("by_category")]  # not failed
     if not methods:
         return ""
     lines = [f"Per category: median speedup vs {baseline} (tokens per step).", "",

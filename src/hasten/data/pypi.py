@@ -25,7 +25,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from ..errors import HastenError
-from ..models.sources import cache_root
+from ..paths import cache_root
 
 
 class DataFetchError(HastenError):

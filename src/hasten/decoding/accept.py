@@ -11,8 +11,9 @@ therefore emits `tree.tokens[path] + [bonus]`, at least one token, and the calle
   (`sampling.probabilities`: temperature, top-k, top-p), whatever the draft.
 - `accept_typical`: Medusa's typical acceptance. LOSSY: faster, but not the model's distribution.
 
-All are pure functions of CPU tensors. Only the rows along the walked path are turned into
-probabilities, so the cost is a few rows' worth, not the whole tree's.
+All are pure functions. Only the rows along the walked path are read, turned into
+probabilities and moved to the CPU (where the random draws happen), so the cost is a few
+rows' worth, not the whole tree's, wherever the logits live.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import math
 
 import torch
 
-from hasten.decoding.sampling import SamplingParams, probabilities
-from hasten.decoding.tree import DraftTree
+from .sampling import SamplingParams, probabilities, sample
+from .tree import DraftTree
 
 Acceptance = tuple[list[int], int]  # (accepted node indices, bonus token)
 
@@ -119,7 +120,7 @@ def accept_sampling(tree: DraftTree, logits: torch.Tensor, params: SamplingParam
     while True:
         # The residual updates below work on p in place (no allocation per rejection, which
         # matters on a 50k-token vocabulary); p stays unnormalised and `mass` is its total.
-        p = _owned(probabilities(logits[position], params), logits)
+        p = _owned(probabilities(_host(logits[position]), params), logits)
         mass = 1.0
         chosen = None
         for child in tree.children_at(position):
@@ -130,7 +131,7 @@ def accept_sampling(tree: DraftTree, logits: torch.Tensor, params: SamplingParam
                 break
             mass = _remove_proposal(p, mass, x, q)
         if chosen is None:
-            return path, _sample(p, generator)
+            return path, sample(p, generator)
         path.append(chosen)
         position = chosen + 1
 
@@ -178,20 +179,6 @@ def _remove_proposal(p: torch.Tensor, mass: float, token: int, q: torch.Tensor |
     return new_mass
 
 
-def _sample(p: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One draw from the unnormalised distribution p, by inverting its CDF.
-
-    Same law as `torch.multinomial(p, 1)`, which is far slower on a large vocabulary.
-    """
-    cdf = p.cumsum(0, dtype=torch.float64)  # float32 running sums drift over 50k terms
-    u = float(torch.rand((), generator=generator, dtype=torch.float64)) * float(cdf[-1])
-    # The first index whose CDF exceeds u; zero-probability tokens never qualify.
-    i = int(torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64), right=True))
-    if i >= p.numel():  # u rounded up to the total: take the last token with mass
-        i = int(p.nonzero()[-1])
-    return i
-
-
 # ---- typical acceptance (lossy) -------------------------------------------------------------
 
 def accept_typical(tree: DraftTree, logits: torch.Tensor, params: SamplingParams,
@@ -213,7 +200,7 @@ def accept_typical(tree: DraftTree, logits: torch.Tensor, params: SamplingParams
     tokens = tree.token_list
 
     def typical(position, children):
-        logp = torch.log_softmax(logits[position].float() / params.temperature, dim=-1)
+        logp = torch.log_softmax(_host(logits[position]).float() / params.temperature, dim=-1)
         entropy = float(torch.special.entr(logp.exp()).sum())
         threshold = min(epsilon, delta * math.exp(-entropy))
         child_logp = logp[[tokens[c] for c in children]].tolist()
@@ -224,6 +211,11 @@ def accept_typical(tree: DraftTree, logits: torch.Tensor, params: SamplingParams
 
 
 # ---- helpers --------------------------------------------------------------------------------
+
+def _host(row: torch.Tensor) -> torch.Tensor:
+    """A logits row on the CPU (sampling draws there with a CPU generator)."""
+    return row if row.device.type == "cpu" else row.float().cpu()
+
 
 def _rows(tree: DraftTree, logits: torch.Tensor) -> torch.Tensor:
     """Logits as [1 + N, vocab] (a leading batch dimension of 1 is dropped)."""

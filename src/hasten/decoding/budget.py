@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from typing import Protocol
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,9 @@ import torch
 from ..models.backbone import Backbone
 
 SIZES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# Upper bound on draft nodes per step; the measured verify costs pick the size actually used
+# (a CPU settles on a few nodes, a GPU, where 64 tokens cost about what one does, on many).
+MAX_TREE_SIZE = 64
 
 
 @dataclass
@@ -101,47 +105,73 @@ def fastest_size(gain: Callable[[int], float], cost: Callable[[int], float], max
     return max(range(max_size + 1), key=lambda n: gain(n) / cost(n))
 
 
-def best_budget(curve: CostCurve, rate: float, max_budget: int) -> int:
-    """The number of draft nodes (0..max_budget) with the highest expected tokens/second."""
-    return fastest_size(lambda n: expected_gain(rate, n), curve.cost, max_budget)
+def best_size(curve: CostCurve, rate: float, max_size: int) -> int:
+    """The number of draft nodes (0..max_size) with the highest expected tokens/second."""
+    return fastest_size(lambda n: expected_gain(rate, n), curve.cost, max_size)
 
 
-class AdaptiveBudget:
-    """Tracks the drafter's per-token acceptance rate and re-picks the tree budget each step.
+class TreeSizer(Protocol):
+    """Picks the draft tree size of the next step; told how each step went."""
 
-    When drafts do not pay (the best budget is 0), steps are plain decoding steps, except that
-    every `probe_every`-th step drafts one token, so the rate keeps being measured and drafting
-    resumes when the text turns repetitive.
-    """
+    size: int
 
-    def __init__(self, curve: CostCurve, max_budget: int, prior_rate: float = 0.5,
-                 memory: float = 0.9, probe_every: int = 8):
-        self.curve, self.max_budget, self.memory = curve, max_budget, memory
-        self.probe_every, self.steps = probe_every, 0
+    def update(self, proposed_depth: int, accepted_drafts: int, proposed_size: int) -> int:
+        """After a step whose tree was `proposed_depth` deep with `proposed_size` nodes and
+        kept `accepted_drafts` drafts; returns the next size."""
+
+
+class ProbeSchedule:
+    """While drafting does not pay (best size 0) steps are plain, except for an occasional
+    probe tree that keeps measuring whether the drafts got better. A probe that gains nothing
+    doubles the wait before the next one (8, 16, ... 64 steps), one that gains resets it, so
+    text the drafter cannot predict costs almost nothing and repetitive text is noticed."""
+
+    def __init__(self, first: int = 8, longest: int = 64):
+        self.first, self.longest = first, longest
+        self.wait, self.idle, self.probing = first, 0, False
+
+    def next(self, best: int, probe_size: int, accepted_drafts: int) -> int:
+        """The size to use next, given the best size and what the last step kept."""
+        if self.probing:  # the step just taken was a probe
+            self.wait = self.first if accepted_drafts else min(2 * self.wait, self.longest)
+            self.probing = False
+        if best > 0:
+            self.idle = 0
+            return best
+        self.idle += 1
+        if self.idle >= self.wait:
+            self.idle, self.probing = 0, True
+            return probe_size
+        return 0
+
+
+class AdaptiveTreeSize:
+    """Tracks the drafter's per-token acceptance rate and re-picks the tree size each step."""
+
+    def __init__(self, curve: CostCurve, max_size: int, prior_rate: float = 0.5,
+                 memory: float = 0.9, probe: ProbeSchedule | None = None):
+        self.curve, self.max_size, self.memory = curve, max_size, memory
+        self.probe = probe or ProbeSchedule()
         # Exponentially weighted counts of accepted drafts and of drafts judged.
         self.accepted, self.trials = prior_rate, 1.0
-        self.budget = max(1, best_budget(curve, prior_rate, max_budget))
+        self.size = max(1, best_size(curve, prior_rate, max_size))
 
     @property
     def rate(self) -> float:
         return self.accepted / self.trials
 
     def update(self, proposed_depth: int, accepted_drafts: int, proposed_size: int = 0) -> int:
-        """After a step whose tree was `proposed_depth` deep and kept `accepted_drafts` drafts.
-        (`proposed_size` is part of the shared interface; `CalibratedBudget` uses it.)"""
-        self.steps += 1
         if proposed_depth > 0:
             # Each accepted draft was one success; a stop before the end was one failure.
             trials = accepted_drafts + (1 if accepted_drafts < proposed_depth else 0)
             self.accepted = self.memory * self.accepted + accepted_drafts
             self.trials = self.memory * self.trials + trials
-        best = best_budget(self.curve, self.rate, self.max_budget)
-        probe = best == 0 and self.steps % self.probe_every == 0
-        self.budget = 1 if probe else best
-        return self.budget
+        best = best_size(self.curve, self.rate, self.max_size)
+        self.size = self.probe.next(best, min(1, self.max_size), accepted_drafts)
+        return self.size
 
 
-class CalibratedBudget:
+class CalibratedTreeSize:
     """For a drafter that knows its expected tokens per step E(n) for n nodes (a Medusa tree
     measured on held-out data): the same per-step choice, with E corrected by what the drafter
     actually achieves on this text.
@@ -152,18 +182,18 @@ class CalibratedBudget:
 
         gain(n) = 1 + ratio * (E(n) - 1)
 
-    Size 0 (a plain step) is allowed, so a tree that does not pay here is turned off, with a
-    small probe tree every `probe_every`-th step to keep measuring.
+    Size 0 (a plain step) is allowed, so a tree that does not pay here is turned off, with
+    probes on `ProbeSchedule`'s schedule to keep measuring.
     """
 
-    def __init__(self, curve: CostCurve, expected_lengths: list[float], max_budget: int,
-                 memory: float = 0.9, probe_every: int = 8, probe_size: int = 4):
+    def __init__(self, curve: CostCurve, expected_lengths: list[float], max_size: int,
+                 memory: float = 0.9, probe: ProbeSchedule | None = None, probe_size: int = 4):
         self.curve, self.expected, self.memory = curve, list(expected_lengths), memory
-        self.max_budget = min(max_budget, len(self.expected) - 1)
-        self.probe_every, self.probe_size, self.steps = probe_every, probe_size, 0
+        self.max_size = min(max_size, len(self.expected) - 1)
+        self.probe, self.probe_size = probe or ProbeSchedule(), probe_size
         # Exponentially weighted drafts accepted and drafts expected; the prior is the curve.
         self.got, self.wanted = 1.0, 1.0
-        self.budget = self.best()
+        self.size = self.best()
 
     @property
     def ratio(self) -> float:
@@ -173,16 +203,14 @@ class CalibratedBudget:
         return 1.0 + self.ratio * (self.expected[n] - 1.0)
 
     def best(self) -> int:
-        return fastest_size(self.gain, self.curve.cost, self.max_budget)
+        return fastest_size(self.gain, self.curve.cost, self.max_size)
 
     def update(self, proposed_depth: int, accepted_drafts: int, proposed_size: int = 0) -> int:
         """After a step that verified `proposed_size` nodes and kept `accepted_drafts`."""
-        self.steps += 1
         if proposed_size > 0:
             self.got = self.memory * self.got + accepted_drafts
-            promised = self.expected[min(proposed_size, self.max_budget)] - 1.0
+            promised = self.expected[min(proposed_size, self.max_size)] - 1.0
             self.wanted = self.memory * self.wanted + promised
-        best = self.best()
-        probe = best == 0 and self.steps % self.probe_every == 0
-        self.budget = min(self.probe_size, self.max_budget) if probe else best
-        return self.budget
+        self.size = self.probe.next(self.best(), min(self.probe_size, self.max_size),
+                                    accepted_drafts)
+        return self.size

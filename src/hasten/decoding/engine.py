@@ -1,15 +1,17 @@
-"""Speculative decoding: draft a tree, verify it in one forward, keep the longest accepted path.
+"""The generation loop: plain decoding, or speculative decoding with a drafter.
 
     prefill(prompt) -> logits -> first token = root
     loop:
-        tree = drafter.propose(context, budget, hidden)     # context ends with the root
-        forward([root] + tree.tokens) with tree attention   # ONE pass over the whole tree
-        path, bonus = accept(tree, logits)                  # greedy / lossless / typical
-        commit(root + path)                                 # compact accepted K/V, drop the rest
+        tree = drafter.propose(context, size, hidden)       # context ends with the root
+        empty tree: the plain step, forward([root])          # no mask, no gather, no copies
+        else:       forward([root] + tree.tokens) with tree attention, ONE pass
+                    path, bonus = accept(tree, logits)       # greedy / lossless / typical
+                    commit(root + path)                      # compact accepted K/V
         emit path tokens + bonus; bonus is the next root
 
-The root is the newest token, not yet in the KV cache. With an empty tree a step is exactly a
-plain decoding step, so greedy speculative output equals plain greedy output token for token.
+The root is the newest token, not yet in the KV cache. A step whose tree is empty (no drafter,
+the drafter found nothing, or the tree size rule turned drafting off) runs exactly the plain
+step, so "drafting does not pay" costs what plain decoding costs.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import torch
 
 from ..models.backbone import Backbone
 from .accept import accept, accept_greedy, accept_typical
-from .budget import AdaptiveBudget, CalibratedBudget
-from .generate import GenerationStats, cache_capacity
+from .budget import MAX_TREE_SIZE, TreeSizer
 from .sampling import SamplingParams, choose
+from .stats import GenerationStats, cache_capacity
 from .tree import DraftTree, keep_indices, verify_inputs
 
 
@@ -36,8 +38,8 @@ class Drafter(Protocol):
     def reset(self, prompt: list[int], capacity: int) -> None:
         """A new generation starts with this prompt; the target's cache holds `capacity`."""
 
-    def propose(self, context: list[int], budget: int, hidden: torch.Tensor | None) -> DraftTree:
-        """A tree of at most `budget` nodes continuing `context` (prompt + output; its last
+    def propose(self, context: list[int], size: int, hidden: torch.Tensor | None) -> DraftTree:
+        """A tree of at most `size` nodes continuing `context` (prompt + output; its last
         token is the root). `hidden` is the target's last hidden state before the root."""
 
     def observe(self, accepted: list[int]) -> None:
@@ -45,30 +47,35 @@ class Drafter(Protocol):
 
 
 @torch.inference_mode()
-def generate_speculative(backbone: Backbone, drafter: Drafter, prompt: list[int],
+def generate_speculative(backbone: Backbone, drafter: Drafter | None, prompt: list[int],
                          max_new_tokens: int, params: SamplingParams = SamplingParams(),
                          stop_ids: tuple[int, ...] = (), generator: torch.Generator | None = None,
-                         max_positions: int = 4096, tree_budget: int = 8, typical: bool = False,
-                         adaptive: AdaptiveBudget | CalibratedBudget | None = None,
+                         max_positions: int = 4096, tree_size: int | None = None,
+                         typical: bool = False, sizer: TreeSizer | None = None,
                          stats: GenerationStats | None = None) -> Iterator[int]:
-    """Yield new token ids as they are accepted. `typical=True` opts into Medusa's lossy rule.
+    """Yield new token ids as they are accepted. `drafter=None` is plain decoding.
 
-    `tree_budget` caps the draft nodes per step; with `adaptive`, the budget is re-picked each
-    step (up to `tree_budget`) from the measured verify costs and the observed acceptance."""
+    `tree_size` caps the draft nodes per step (None: `MAX_TREE_SIZE`); with `sizer`, the size
+    is re-picked each step (up to the cap) from the measured verify costs and the observed
+    acceptance. `typical=True` opts into Medusa's lossy acceptance rule."""
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt)
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
+    if tree_size is not None and tree_size < 0:
+        raise ValueError(f"tree_size must be >= 0, got {tree_size}")
+    max_size = 0 if drafter is None else MAX_TREE_SIZE if tree_size is None else tree_size
     start = time.perf_counter()
-    capacity = cache_capacity(len(prompt), max_new_tokens, tree_budget + 1, max_positions)
+    capacity = cache_capacity(len(prompt), max_new_tokens, max_size + 1, max_positions)
     backbone.reset(1, capacity)
     out = backbone.forward(torch.tensor([prompt], device=backbone.device), last_only=True)
     backbone.commit()
     hidden = out.hidden[0, -1]
     root = int(choose(out.logits[0, -1], params, generator))
     context = list(prompt) + [root]
-    drafter.reset(list(prompt), capacity)
-    drafter.observe([root])
+    if drafter is not None:
+        drafter.reset(list(prompt), capacity)
+        drafter.observe([root])
     stats.new_tokens = 1
     stats.time_to_first_token = stats.total_time = time.perf_counter() - start
     yield root
@@ -82,39 +89,35 @@ def generate_speculative(backbone: Backbone, drafter: Drafter, prompt: list[int]
         if room < 0:
             stats.finish_reason = "context"
             break
-        budget = min(adaptive.budget if adaptive else tree_budget, tree_budget, room)
+        size = min(sizer.size if sizer else max_size, max_size, room)
         t0 = time.perf_counter()
-        tree = drafter.propose(context, budget, hidden).truncated(budget)
+        tree = drafter.propose(context, size, hidden).truncated(size) if size > 0 else None
         t1 = time.perf_counter()
-        inputs = verify_inputs(tree, root, backbone.length, backbone.device)
-        out = backbone.forward(*inputs)
-        if params.greedy and out.logits.device.type != "cpu":
-            # Greedy on a GPU: take each row's argmax there and move N + 1 ids to the host,
-            # not N + 1 vocabulary-wide rows.
-            path, bonus = accept_greedy(tree, argmax_ids=out.logits[0].argmax(-1).tolist())
+        if tree is None or tree.size == 0:
+            out = backbone.forward(torch.tensor([[root]], device=backbone.device))
+            backbone.commit()
+            hidden = out.hidden[0, -1]
+            path, bonus = [], int(choose(out.logits[0, -1], params, generator))
             t2 = time.perf_counter()
         else:
-            logits = out.logits[0].float() if out.logits.element_size() < 4 else out.logits[0]
-            logits = logits.cpu()
+            out = backbone.forward(*verify_inputs(tree, root, backbone.length, backbone.device))
             t2 = time.perf_counter()
-            if typical and not params.greedy:
-                path, bonus = accept_typical(tree, logits, params)
-            else:
-                path, bonus = accept(tree, logits, params, generator)
-        keep = keep_indices(path)
-        backbone.commit(keep.to(backbone.device))
-        hidden = out.hidden[0, int(keep[-1])]
-        if adaptive:
-            adaptive.update(tree.max_depth, len(path), tree.size)
+            path, bonus = _accept(tree, out.logits[0], params, generator, typical)
+            keep = keep_indices(path)
+            backbone.commit(keep)
+            hidden = out.hidden[0, int(keep[-1])]
+        if sizer:
+            sizer.update(tree.max_depth if tree else 0, len(path), tree.size if tree else 0)
         t3 = time.perf_counter()
         stats.draft_time += t1 - t0
         stats.verify_time += t2 - t1
         stats.accept_time += t3 - t2
         stats.steps += 1
-        new = [tree.token_list[i] for i in path] + [bonus]
+        new = [tree.token_list[i] for i in path] + [bonus] if path else [bonus]
         stats.accepted.append(len(new))
-        drafter.observe(new)
-        context.extend(new)
+        if drafter is not None:
+            drafter.observe(new)
+            context.extend(new)
         for token in new:
             stats.new_tokens += 1
             stats.total_time = time.perf_counter() - start
@@ -127,3 +130,18 @@ def generate_speculative(backbone: Backbone, drafter: Drafter, prompt: list[int]
                 break
         root = bonus
     stats.total_time = time.perf_counter() - start
+
+
+def _accept(tree: DraftTree, logits: torch.Tensor, params: SamplingParams,
+            generator: torch.Generator | None, typical: bool) -> tuple[list[int], int]:
+    """The accepted path and bonus from verify logits [1 + N, vocab], wherever they live.
+
+    Greedy off the CPU takes each row's argmax on the device and moves N + 1 ids; sampling
+    reads only the rows along the walked path (the rules move each row they read)."""
+    if params.greedy:
+        if logits.device.type != "cpu":
+            return accept_greedy(tree, argmax_ids=logits.argmax(-1).tolist())
+        return accept_greedy(tree, logits)
+    if typical:
+        return accept_typical(tree, logits, params)
+    return accept(tree, logits, params, generator)

@@ -174,9 +174,12 @@ class DraftTree:
         return DraftTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
 
     def truncated(self, max_nodes: int) -> DraftTree:
-        """The first `max_nodes` nodes (any prefix of a topological order is a valid tree)."""
+        """The first `max_nodes` nodes (any prefix of a topological order is a valid tree);
+        empty for `max_nodes <= 0`."""
         if max_nodes >= self.size:
             return self
+        if max_nodes <= 0:
+            return DraftTree.empty()
         return DraftTree(self.tokens[:max_nodes], self.parents[:max_nodes])
 
     # ---- derived structure -----------------------------------------------------------------

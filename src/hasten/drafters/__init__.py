@@ -1,45 +1,49 @@
-"""Drafters propose token trees for the speculative engine; `make_drafter` builds one by name."""
+"""Drafters propose token trees for the speculative engine; `build_drafter` makes one from a
+`DraftSpec`. Nothing here imports the API: a draft model is loaded by `models.loader`."""
 
 from __future__ import annotations
 
 from ..errors import HastenError
+from .spec import DRAFTERS, DraftSpec
 
-DRAFTERS = ("none", "lookup", "model", "rest", "medusa")
+__all__ = ["DRAFTERS", "DraftSpec", "build_drafter"]
 
 
-def make_drafter(name: str, model, draft_model: str | None = None, draft_layers: int | None = None,
-                 draft_depth: int = 4, datastore: str | None = None, medusa_heads: str | None = None):
-    """A drafter for `model` (a `hasten.api.Model`); None for plain decoding.
+def build_drafter(spec: DraftSpec, model):
+    """A drafter for `model` (a `hasten.api.Model`), or None for plain decoding.
 
-    `model`: a separate draft model spec (must share the tokenizer), or, if `draft_model` is
-    None, a training-free self-draft from the target's first `draft_layers` layers.
-    `rest`: retrieval from the datastore at `datastore` (built with `hasten datastore build`).
-    `medusa`: heads from `medusa_heads`, else next to the model, else shipped for the model."""
-    if name in (None, "none"):
+    `model`: `spec.draft_model` (must share the tokenizer), or without one a training-free
+    self-draft from the target's first `draft_layers` layers (default: a quarter).
+    `rest`: retrieval from `spec.datastore`. `medusa`: heads from `spec.medusa_heads`, else
+    next to the model, else shipped for the model."""
+    if spec.plain:
         return None
-    if name == "lookup":
+    if spec.name == "lookup":
         from .lookup import LookupDrafter
         return LookupDrafter()
-    if name == "model":
+    if spec.name == "model":
         from .draft_model import ModelDrafter, self_draft
-        if draft_model is not None:
-            from ..api import load
-            small = load(draft_model, device=str(model.backbone.device), dtype=model.backbone.dtype)
+        if spec.draft_model is not None:
+            from ..models.loader import load_backbone
+            small = load_backbone(spec.draft_model, device=model.backbone.device,
+                                  dtype=model.backbone.dtype)
             if small.tokenizer.get_vocab() != model.tokenizer.get_vocab():
-                raise HastenError(f"draft model {small.name} does not share {model.name}'s tokenizer")
-            return ModelDrafter(small.backbone, depth=draft_depth)
+                raise HastenError(f"draft model {small.name} does not share {model.name}'s "
+                                  "tokenizer; pick a draft model of the same family")
+            return ModelDrafter(small.backbone, depth=spec.draft_depth)
         from ..models.llama import LlamaModel
         if not isinstance(model.backbone, LlamaModel):
             raise HastenError("self-drafting needs the lean runtime; pass --draft-model SPEC instead")
-        layers = draft_layers or max(1, model.backbone.config.num_layers // 4)
-        return ModelDrafter(self_draft(model.backbone, layers), depth=draft_depth)
-    if name == "rest":
-        if not datastore:
-            raise HastenError("the rest drafter needs a datastore: --datastore PATH "
-                              "(build one with `hasten datastore build`)")
+        total = model.backbone.config.num_layers
+        layers = spec.draft_layers or max(1, total // 4)
+        if layers >= total:
+            raise HastenError(f"--draft-layers {layers}: the model has only {total} layers; "
+                              f"pick 1..{total - 1}")
+        return ModelDrafter(self_draft(model.backbone, layers), depth=spec.draft_depth)
+    if spec.name == "rest":
         from .rest import rest_drafter_for
-        return rest_drafter_for(model, datastore)
-    if name == "medusa":
+        return rest_drafter_for(model, spec.datastore)
+    if spec.name == "medusa":
         from ..medusa.drafter import medusa_drafter
-        return medusa_drafter(model, medusa_heads)
-    raise HastenError(f"unknown drafter {name!r}; choose one of {', '.join(DRAFTERS)}")
+        return medusa_drafter(model, spec.medusa_heads)
+    raise HastenError(f"unknown drafter {spec.name!r}; choose one of {', '.join(DRAFTERS)}")

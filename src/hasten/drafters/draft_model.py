@@ -37,8 +37,8 @@ class ModelDrafter:
     def observe(self, accepted: list[int]) -> None:
         pass  # the context passed to `propose` carries everything
 
-    def propose(self, context: list[int], budget: int, hidden: torch.Tensor | None = None) -> DraftTree:
-        depth = min(self.depth, budget)
+    def propose(self, context: list[int], size: int, hidden: torch.Tensor | None = None) -> DraftTree:
+        depth = min(self.depth, size)
         if depth <= 0:
             return DraftTree.empty()
         dev = self.draft.device

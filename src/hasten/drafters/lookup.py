@@ -43,23 +43,23 @@ class LookupDrafter:
                     self.follows[tuple(self.tokens[end - n:end])].append(end)
             self.tokens.append(int(tok))
 
-    def propose(self, context: list[int], budget: int, hidden: torch.Tensor | None = None) -> DraftTree:
-        if budget <= 0:
+    def propose(self, context: list[int], size: int, hidden: torch.Tensor | None = None) -> DraftTree:
+        if size <= 0:
             return DraftTree.empty()
         toks = self.tokens
         for n in range(min(self.max_ngram, len(toks)), self.min_ngram - 1, -1):
             starts = self.follows.get(tuple(toks[-n:]))
             if not starts:
                 continue
-            # Most recent match first, as deep as the budget allows: recent text is the
+            # Most recent match first, as deep as the size allows: recent text is the
             # likeliest to repeat, and one long chain beats many short branches. Further
-            # matches join only while the merged tree still fits the budget.
-            depth = min(self.max_depth, budget)
+            # matches join only while the merged tree still fits the size.
+            depth = min(self.max_depth, size)
             tree = DraftTree.empty()
             seqs: list[list[int]] = []
             for s in reversed(starts[-self.max_matches:]):
                 candidate = DraftTree.from_sequences(seqs + [toks[s:s + depth]])
-                if candidate.size > budget:
+                if candidate.size > size:
                     break
                 seqs.append(toks[s:s + depth])
                 tree = candidate

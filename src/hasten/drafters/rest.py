@@ -16,7 +16,7 @@ text, published REST -> these defaults: HumanEval canonical solutions on the std
 1.60 -> 1.92 at 32 nodes, 1.50 -> 1.67 at 8; MT-Bench reference answers on the ShareGPT
 datastore 1.47 -> 1.74 at 32, 1.37 -> 1.55 at 8.
 
-Pruning to the engine's budget keeps the `budget` heaviest nodes. That set is a valid tree on
+Pruning to the engine's size keeps the `size` heaviest nodes. That set is a valid tree on
 its own: a parent weighs at least as much as each child (every continuation through the child
 passes through the parent) and ties go to the shallower node, so a node never outranks its
 parent. It also maximises the expected accepted length under the retrieved distribution,
@@ -62,22 +62,22 @@ class RestDrafter:
     def observe(self, accepted: list[int]) -> None:
         pass
 
-    def propose(self, context: list[int], budget: int,
+    def propose(self, context: list[int], size: int,
                 hidden: torch.Tensor | None = None) -> DraftTree:
-        if budget <= 0:
+        if size <= 0:
             return DraftTree.empty()
         store = self.datastore
         self.lookups += 1
         tail = context[-self.max_suffix:]
         m, lo, hi = store.longest_match(tail, self.max_suffix, self.min_suffix)
-        depth = min(self.depth, budget)
+        depth = min(self.depth, size)
         while m:
             starts = [store.sample(lo, hi, self.max_occurrences) + m]
             for shorter in range(m - 1, max(m - 1 - self.backoff, self.min_suffix - 1), -1):
                 lo2, hi2 = store.find(tail[-shorter:])
                 starts.append(store.sample(lo2, hi2, self.max_occurrences) + shorter)
             rows = store.read(np.concatenate(starts), depth)
-            tree = continuation_tree(rows, budget, store.separator)
+            tree = continuation_tree(rows, size, store.separator)
             if tree.size:
                 self.hits += 1
                 self.matched_tokens += m
@@ -96,13 +96,13 @@ def rest_drafter_for(model, path: str | os.PathLike, **options) -> RestDrafter:
     return RestDrafter(store, **options)
 
 
-def continuation_tree(rows: np.ndarray, budget: int, end: int) -> DraftTree:
-    """The trie of the rows' prefixes before their first `end` token, pruned to its `budget`
+def continuation_tree(rows: np.ndarray, size: int, end: int) -> DraftTree:
+    """The trie of the rows' prefixes before their first `end` token, pruned to its `size`
     heaviest nodes (weight: rows through the node; ties: shallower, then lexicographically
     first). Breadth-first, siblings heaviest first. Equals `pruned_trie` on the same rows in
     lexicographic order, each cut before `end`."""
     rows = np.asarray(rows, dtype=np.int64)
-    if rows.ndim != 2 or rows.size == 0 or budget <= 0:
+    if rows.ndim != 2 or rows.size == 0 or size <= 0:
         return DraftTree.empty()
     k, depth = rows.shape
     valid = np.logical_and.accumulate(rows != end, axis=1)
@@ -120,7 +120,7 @@ def continuation_tree(rows: np.ndarray, budget: int, end: int) -> DraftTree:
     heads = np.flatnonzero(flat)  # each node's first (depth, row) entry
     weight = np.bincount(node_of[valid.T.ravel()], minlength=heads.size)
     # Heaviest first; node ids already order ties by depth, then lexicographically.
-    kept = np.argsort(-weight, kind="stable")[:budget]
+    kept = np.argsort(-weight, kind="stable")[:size]
     kept = np.sort(kept[weight[kept] > 0])  # cut-off rows make weightless non-nodes
     if kept.size == 0:
         return DraftTree.empty()
@@ -150,20 +150,20 @@ def _emit_breadth_first(ids, parents, tokens, depths, weights) -> DraftTree:
                      torch.tensor(out_parents, dtype=torch.long))
 
 
-def pruned_trie(seqs: Sequence[Sequence[int]], budget: int,
+def pruned_trie(seqs: Sequence[Sequence[int]], size: int,
                 weights: Sequence[float] | None = None) -> DraftTree:
-    """The trie of `seqs` (`DraftTree.from_sequences`) keeping only its `budget` heaviest
+    """The trie of `seqs` (`DraftTree.from_sequences`) keeping only its `size` heaviest
     nodes: weight = total weight of the sequences through a node; ties go to the shallower
     node, then to the one seen first. Any such top set contains each kept node's parent."""
     seqs = [[int(t) for t in s] for s in seqs]
     weights = [1.0] * len(seqs) if weights is None else [float(w) for w in weights]
-    if budget <= 0 or not seqs:
+    if size <= 0 or not seqs:
         return DraftTree.empty()
     nodes: dict[tuple[int, ...], list] = {}  # prefix -> [weight, first seen]
     for order, (seq, w) in enumerate(zip(seqs, weights)):
         for d in range(len(seq)):
             nodes.setdefault(tuple(seq[:d + 1]), [0.0, order])[0] += w
-    kept = set(sorted(nodes, key=lambda p: (-nodes[p][0], len(p), nodes[p][1]))[:budget])
+    kept = set(sorted(nodes, key=lambda p: (-nodes[p][0], len(p), nodes[p][1]))[:size])
     cut = []
     for seq in seqs:
         d = 0

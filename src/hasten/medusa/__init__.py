@@ -7,7 +7,6 @@
 - `train.py`: Medusa-1 training (`hasten train medusa`), accuracy, tree for the heads;
 - `medusa2.py`: Medusa-2 joint training (`hasten train medusa --joint`);
 - `tree_search.py`: trees grown from measured accuracy;
-- `cli.py`: the command-line parsers.
 """
 
 from .drafter import MedusaDrafter, medusa_drafter

@@ -6,7 +6,7 @@
       -> top-k per head, gathered into the tree's nodes
 
 The tree is the stored `choices` list (best first, see `tree_search.py`) cut to the step's
-budget, so any budget the engine picks is the best tree of that size. Only the heads and
+size, so any size the engine picks is the best tree of that size. Only the heads and
 ranks that cut uses are computed. The drafter is stateless across steps.
 
 A reduced draft vocabulary (the heads' `draft_vocab`: the most frequent tokens of the
@@ -69,11 +69,11 @@ class MedusaDrafter:
     def observe(self, accepted: list[int]) -> None:
         pass
 
-    def plan(self, budget: int) -> _Plan:
-        """Where each node of the first `budget` choices takes its token from."""
-        plan = self._plans.get(budget)
+    def plan(self, size: int) -> _Plan:
+        """Where each node of the first `size` choices takes its token from."""
+        plan = self._plans.get(size)
         if plan is None:
-            cut = self.choices[:budget]
+            cut = self.choices[:size]
             heads = max((len(c) for c in cut), default=0)
             ranks = max((r for c in cut for r in c), default=-1) + 1
             # Build the tree once with code tokens (head * ranks + rank), so node order and
@@ -82,7 +82,7 @@ class MedusaDrafter:
             tree = DraftTree.from_choices(cut, codes) if cut else DraftTree.empty()
             plan = _Plan(heads, ranks, tree.tokens // max(ranks, 1), tree.tokens % max(ranks, 1),
                          tree.parents)
-            self._plans[budget] = plan
+            self._plans[size] = plan
         return plan
 
     @torch.inference_mode()
@@ -95,10 +95,10 @@ class MedusaDrafter:
             top = self.vocab[top]
         return top
 
-    def propose(self, context: list[int], budget: int, hidden: torch.Tensor | None) -> DraftTree:
-        if hidden is None or budget <= 0 or not self.choices:
+    def propose(self, context: list[int], size: int, hidden: torch.Tensor | None) -> DraftTree:
+        if hidden is None or size <= 0 or not self.choices:
             return DraftTree.empty()
-        plan = self.plan(budget)
+        plan = self.plan(size)
         top = self.topk(hidden.reshape(-1), plan.heads, plan.ranks).cpu()
         return DraftTree(top[plan.head_index, plan.rank_index], plan.parents)
 
@@ -134,7 +134,7 @@ def find_heads(model, heads: str | Path | None = None) -> LoadedHeads:
 
 
 def medusa_drafter(model, heads: str | Path | None = None, use_draft_vocab: bool = True) -> MedusaDrafter:
-    """The drafter `make_drafter("medusa", model)` should return."""
+    """The drafter `build_drafter(DraftSpec("medusa"), model)` returns."""
     loaded = find_heads(model, heads)
     return MedusaDrafter(loaded.heads, loaded.choices, lm_head_weight(model.backbone),
                          use_draft_vocab, loaded.meta.get("expected_lengths"))

@@ -133,7 +133,7 @@ def train_medusa2(folder: str | Path, records: list[dict], out_dir: str | Path,
                   cfg: Medusa2Config = Medusa2Config(), *, device="cpu", dtype=torch.float32,
                   num_heads: int = 4, num_layers: int = 1, init_heads: str | Path | None = None,
                   pad_id: int = 0, holdout: float = 0.05, name: str | None = None,
-                  tree_size: int = 64, save_dtype: torch.dtype | None = None,
+                  tree_nodes: int = 64, save_dtype: torch.dtype | None = None,
                   progress: bool = True, log=None) -> Path:
     """Joint training; returns the merged model folder (`out_dir/model`, heads in `medusa/`)."""
     from tqdm import tqdm
@@ -230,11 +230,11 @@ def train_medusa2(folder: str | Path, records: list[dict], out_dir: str | Path,
     bar.close()
     save(step)
     return _export(model, heads, folder, out_dir, held_recs or train_recs, cfg, name, device,
-                   tree_size, save_dtype, history, log)
+                   tree_nodes, save_dtype, history, log)
 
 
 def _export(model, heads, folder: Path, out_dir: Path, held: list[dict], cfg: Medusa2Config,
-            name, device, tree_size: int, save_dtype, history, log) -> Path:
+            name, device, tree_nodes: int, save_dtype, history, log) -> Path:
     """Merge LoRA, write the HF folder (+ tokenizer files), grow the tree, save the heads."""
     from ..models.hf_adapter import HFBackbone
     from .data import build_cache
@@ -256,7 +256,7 @@ def _export(model, heads, folder: Path, out_dir: Path, held: list[dict], cfg: Me
     cache = build_cache(backbone, held, out_dir / "cache" / "held", heads.num_heads, "medusa2",
                         8192, cfg.max_len, progress=False)
     acc = evaluate(heads, shared, cache, device)
-    tree = tree_for(heads, shared, cache, device, tree_size)
+    tree = tree_for(heads, shared, cache, device, tree_nodes)
     save_heads(heads, target / "medusa", base_identity(backbone, name), tree["choices"], save_dtype,
                expected_lengths=tree["expected_lengths"], head_accuracy=tree["head_accuracy"],
                heldout={**acc, "rows": len(cache)}, tree_method="joint",

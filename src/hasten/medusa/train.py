@@ -284,7 +284,7 @@ def run_medusa1(backbone, records: list[dict], out_dir: str | Path, *, name: str
                 shared_lm_head: bool = True, cfg: TrainConfig = TrainConfig(),
                 device: str | torch.device = "cpu", holdout: float = 0.05,
                 cache_dir: str | Path | None = None, max_len: int | None = 2048,
-                cache_tokens: int = 8192, tree_size: int = 64, max_rank: int = 10,
+                cache_tokens: int = 8192, tree_nodes: int = 64, max_rank: int = 10,
                 tree_method: str = "joint", draft_vocab: int = 0,
                 save_dtype: torch.dtype | None = None, progress: bool = True, log=None) -> dict:
     """The whole Medusa-1 recipe: cache hidden states, train, measure, grow the tree, save.
@@ -318,7 +318,7 @@ def run_medusa1(backbone, records: list[dict], out_dir: str | Path, *, name: str
     seconds = time.perf_counter() - started
     measure = held_cache if held_cache is not None else train_cache
     full = evaluate(heads, shared, measure, device, vocab)
-    tree = tree_for(heads, shared, measure, device, tree_size, max_rank, tree_method, vocab)
+    tree = tree_for(heads, shared, measure, device, tree_nodes, max_rank, tree_method, vocab)
     log(f"medusa: held-out top-1 {full['top1']}, top-5 {full['top5']}; expected tokens per step "
         + ", ".join(f"{n} nodes: {tree['expected_lengths'][n]:.2f}"
                     for n in (4, 8, 16, 32, 64) if n < len(tree["expected_lengths"])))
@@ -337,7 +337,7 @@ def run_medusa1(backbone, records: list[dict], out_dir: str | Path, *, name: str
 def research_tree(backbone, heads_dir: str | Path, records: list[dict], *, name: str | None = None,
                   model_key: str = "", device="cpu", holdout: float = 0.05,
                   cache_dir: str | Path | None = None, max_len: int | None = 2048,
-                  tree_size: int = 64, max_rank: int = 10, method: str = "joint",
+                  tree_nodes: int = 64, max_rank: int = 10, method: str = "joint",
                   draft_vocab: int | None = None, progress: bool = True, log=None) -> dict:
     """Grow a new tree for saved heads from held-out records (optionally with a new draft
     vocabulary size: 0 = full vocabulary, None = keep) and store it with them."""
@@ -360,7 +360,7 @@ def research_tree(backbone, heads_dir: str | Path, records: list[dict], *, name:
                                  model_key, 8192, max_len, progress)
             vocab = frequent_tokens(counts, draft_vocab)
     shared = lm_head_weight(backbone).float() if heads.proj is None else None
-    tree = tree_for(heads, shared, measure, device, tree_size, max_rank, method, vocab)
+    tree = tree_for(heads, shared, measure, device, tree_nodes, max_rank, method, vocab)
     heads.draft_vocab = vocab
     meta = {k: v for k, v in loaded.meta.items()
             if k not in ("format", "version", "choices", "base_model", "hidden_size", "vocab_size",

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import ModelSourceError
-from .sources import cache_root
+from ..paths import cache_root
 
 GEMMA3_MODEL = "gemma3-270m"
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"

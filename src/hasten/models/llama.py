@@ -209,9 +209,11 @@ class LlamaModel(nn.Module):
         if keep is None:
             self.length += self._pending
         else:
-            keep = torch.as_tensor(keep, dtype=torch.long, device=self.device)
-            if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= self._pending):
-                raise IndexError(f"commit indices must lie in [0, {self._pending})")
+            keep = torch.as_tensor(keep, dtype=torch.long)
+            if keep.device.type == "cpu":  # checked on the host: no device sync
+                if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= self._pending):
+                    raise IndexError(f"commit indices must lie in [0, {self._pending})")
+                keep = keep.to(self.device)
             src = self.length + keep
             dst = self.length + torch.arange(keep.numel(), device=self.device)
             # Gathering first makes overlapping source/destination ranges safe.
@@ -237,9 +239,11 @@ class LlamaModel(nn.Module):
         check_step(start, t, self.capacity, b, self._k.shape[1])
         if positions is None:
             positions = torch.arange(start, start + t, device=self.device).expand(b, t)
-        if int(positions.max()) >= self.capacity:
-            raise ContextFullError(f"position {int(positions.max())} beyond the RoPE table "
-                                   f"({self.capacity}); reset with a larger capacity")
+        elif positions.device.type == "cpu":  # checked where it costs no device sync
+            if int(positions.max()) >= self.capacity:
+                raise ContextFullError(f"position {int(positions.max())} beyond the RoPE table "
+                                       f"({self.capacity}); reset with a larger capacity")
+            positions = positions.to(self.device)
         cos, sin = self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)
         if mask is None and start > 0 and t > 1:
             mask = causal_mask(start, t, self.device).expand(b, t, start + t)

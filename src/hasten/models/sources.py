@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelSourceError
+from ..paths import cache_root
 from .config import LLAMA_FAMILY
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -51,19 +52,6 @@ class ResolvedModel:
     name: str     # display name, e.g. "smollm2-135m-instruct"
     source: str   # "default" | "gguf" | "hf-folder"
     lean: bool    # config.json's model_type is one the lean Llama runtime implements
-
-
-def cache_root() -> Path:
-    """`$HASTEN_CACHE`, else the platform's user cache folder + `/hasten`."""
-    if os.environ.get("HASTEN_CACHE"):
-        return Path(os.environ["HASTEN_CACHE"]).expanduser()
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches"
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "hasten"
 
 
 def resolve_model(spec: str | os.PathLike | None = None, progress: bool = True) -> ResolvedModel:

@@ -10,12 +10,6 @@ lives in `protocol.py`, the routes in `app.py`.
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-
-from ..errors import HastenError
-
 API_KEY_ENV = "HASTEN_API_KEY"
 
 
@@ -23,54 +17,3 @@ def create_app(*args, **kwargs):
     """See `hasten.server.app.create_app` (imported lazily: FastAPI is only needed to serve)."""
     from .app import create_app as _create_app
     return _create_app(*args, **kwargs)
-
-
-def add_serve_parser(subparsers) -> argparse.ArgumentParser:
-    from ..cli import add_draft_args, add_model_args
-    s = subparsers.add_parser(
-        "serve", help="OpenAI-compatible HTTP server (chat/completions, streaming)",
-        description="Serve the model over an OpenAI-compatible HTTP API: POST /v1/chat/completions "
-                    "and /v1/completions (stream: true for server-sent events), GET /v1/models and "
-                    "/health. Requests are served one at a time, in arrival order. A request may "
-                    "pick its own drafter with the extra field \"draft\"; answers carry speculative "
-                    "statistics in a \"hasten\" object.")
-    add_model_args(s)
-    add_draft_args(s)
-    s.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default: 127.0.0.1, this machine only)")
-    s.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    s.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV}; "
-                        "unset = no key)")
-    s.add_argument("--log-level", default="warning",
-                   choices=("critical", "error", "warning", "info", "debug"),
-                   help="uvicorn's log level (one line per request is always printed to stderr)")
-    s.set_defaults(func=cmd_serve)
-    return s
-
-
-def cmd_serve(args) -> None:
-    try:
-        import uvicorn
-    except ImportError:
-        raise HastenError("hasten serve needs fastapi and uvicorn: pip install fastapi uvicorn") from None
-    from ..cli import load_model
-    from ..drafters import make_drafter
-    if not 0 <= args.port < 65536:
-        raise HastenError(f"--port must be in 0..65535, got {args.port}")
-    if args.tree_size is not None and args.tree_size < 0:
-        raise HastenError("--tree-size must be >= 0")
-    model = load_model(args)
-    options = {"draft_model": args.draft_model, "draft_layers": args.draft_layers,
-               "draft_depth": args.draft_depth, "datastore": args.datastore,
-               "medusa_heads": args.medusa_heads}
-    drafter = make_drafter(args.draft, model, **options)
-    if drafter is not None and args.tree_size is None:
-        model.cost_curve()  # measured once (cached on disk), not during the first request
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    app = create_app(model, api_key=api_key, default_draft=drafter or "none",
-                     tree_size=args.tree_size, typical=args.typical, draft_options=options)
-    print(f"hasten serve: {model.name} (context {model.max_positions}, draft {args.draft}) on "
-          f"http://{args.host}:{args.port}/v1{' (API key required)' if api_key else ''}",
-          file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)

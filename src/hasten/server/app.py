@@ -3,7 +3,8 @@
     POST /v1/chat/completions   POST /v1/completions   (stream: true for server-sent events)
     GET  /v1/models             GET  /v1/models/{id}   GET /health (never needs the API key)
 
-Extra request fields: `draft` ("none", "lookup", "model"; default: the server's drafter),
+Extra request fields: `draft` ("none", "lookup", "model", "rest", "medusa"; default: the
+server's drafter, with the options it was started with),
 `tree_size` (draft nodes per step; default: the server's) and `top_k`. Every answer carries a
 `hasten` object with the speculative statistics (steps, mean accepted tokens per step, tokens/s).
 """
@@ -23,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..drafters import DraftSpec
 from ..errors import HastenError
 from . import protocol as wire
 from .engine import Engine, Job, Outcome
@@ -105,15 +107,14 @@ async def read_json(request: Request) -> dict:
     return body
 
 
-def create_app(model, api_key: str | None = None, default_draft=None, *,
-               tree_size: int | None = None, typical: bool = False,
-               draft_options: dict | None = None, log: bool = True) -> FastAPI:
+def create_app(model, api_key: str | None = None, draft: DraftSpec = DraftSpec(), *,
+               tree_size: int | None = None, typical: bool = False, log: bool = True) -> FastAPI:
     """An OpenAI-compatible app serving `model` (a `hasten.api.Model`) one request at a time.
 
-    `default_draft`: drafter name ("none", "lookup", "model") or a built drafter, used when a
-    request names none. `tree_size`: draft nodes per step (None: adaptive). `draft_options`:
-    passed to `make_drafter` when a request asks for a drafter not built yet."""
-    engine = Engine(model, default_draft, tree_size, typical, draft_options)
+    `draft`: the drafter used when a request names none, and the options (datastore, heads,
+    draft model) of any drafter a request names. `tree_size`: most draft nodes per step
+    (None: chosen per step)."""
+    engine = Engine(model, draft, tree_size, typical)
     names = (model.name, DEFAULT_ALIAS)
     started = int(time.time())
 
@@ -209,8 +210,13 @@ def create_app(model, api_key: str | None = None, default_draft=None, *,
                            "Shorten it.", param=param,
                            code="context_length_exceeded")
         room = model.max_positions - len(ids)
+        try:  # a drafter that cannot be built is the request's fault: 400, before any stream
+            spec = engine.spec(opts.draft)
+            drafter = await asyncio.to_thread(engine.drafter, spec)
+        except HastenError as e:
+            raise APIError(400, str(e), param="draft", code="invalid_value") from None
         job = Job(ids, min(opts.max_tokens or room, room), opts.temperature, opts.top_p,
-                  opts.top_k, opts.seed, opts.draft, opts.tree_size, opts.stop,
+                  opts.top_k, opts.seed, spec.name, drafter, opts.tree_size, opts.stop,
                   loop=asyncio.get_running_loop(), events=asyncio.Queue())
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())

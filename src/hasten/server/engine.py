@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, field
 
 from ..api import Detokenizer
-from ..decoding.generate import GenerationStats
-from ..drafters import make_drafter
+from ..decoding.stats import GenerationStats
+from ..drafters import DraftSpec
 
 
 class StopMatcher:
@@ -61,6 +61,7 @@ class Job:
     top_k: int = 0
     seed: int | None = None
     draft: str | None = None  # drafter name; None = the server's default
+    drafter: object = None  # the built drafter for `draft` (None = plain decoding)
     tree_size: int | None = None
     stop: list[str] = field(default_factory=list)
     loop: asyncio.AbstractEventLoop | None = None
@@ -111,18 +112,12 @@ class Outcome:
 class Engine:
     """Owns the model and the single worker thread that generates with it."""
 
-    def __init__(self, model, default_draft=None, tree_size: int | None = None,
-                 typical: bool = False, draft_options: dict | None = None):
+    def __init__(self, model, draft: DraftSpec = DraftSpec(), tree_size: int | None = None,
+                 typical: bool = False):
         self.model = model
+        self.draft = draft  # the server's drafter and the options every request's drafter gets
         self.tree_size = tree_size
         self.typical = typical
-        self.draft_options = draft_options or {}
-        self.drafters: dict[str, object] = {"none": None}  # built once, reused (they reset per job)
-        if default_draft is None or isinstance(default_draft, str):
-            self.default_draft = default_draft or "none"
-        else:  # a drafter object, already built
-            self.default_draft = getattr(default_draft, "name", "custom")
-            self.drafters[self.default_draft] = default_draft
         self.jobs: queue.Queue = queue.Queue()
         self.current: Job | None = None
         self.served = 0
@@ -161,10 +156,12 @@ class Engine:
             self._thread.join(timeout)
         self._thread = None
 
-    def drafter(self, name: str):
-        if name not in self.drafters:
-            self.drafters[name] = make_drafter(name, self.model, **self.draft_options)
-        return self.drafters[name]
+    def spec(self, name: str | None) -> DraftSpec:
+        """The drafter a request names (None: the server's), with the server's options."""
+        return self.draft.named(name)
+
+    def drafter(self, spec: DraftSpec):
+        return self.model.drafter(spec)  # built once per spec, kept by the model
 
     def _work(self) -> None:
         while True:
@@ -189,8 +186,8 @@ class Engine:
     def _generate(self, job: Job) -> Outcome:
         model = self.model
         queue_time = time.perf_counter() - job.created
-        name = job.draft or self.default_draft
-        drafter = self.drafter(name)
+        name = job.draft or self.draft.name
+        drafter = job.drafter
         tokens = model.generate_ids(job.prompt_ids, job.max_tokens, temperature=job.temperature,
                                     top_p=job.top_p, top_k=job.top_k, seed=job.seed, draft=drafter,
                                     tree_size=job.tree_size if job.tree_size is not None
@@ -216,7 +213,8 @@ class Engine:
         finally:
             tokens.close()  # ends the generator (and its timing) right here
         if finish is None:
-            rest = stopper.flush()
+            rest, _ = stopper.push(detok.flush())
+            rest += stopper.flush()
             if rest:
                 job.post("text", rest)
             finish = "stop" if stats.finish_reason == "stop" else "length"

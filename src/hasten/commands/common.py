@@ -1,0 +1,87 @@
+"""Arguments and helpers shared by the commands: the model, the drafter, the prompt."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..drafters import DRAFTERS, DraftSpec
+from ..errors import HastenError
+
+MODEL_HELP = ("model: 'smollm2-135m-instruct' (embedded default), a .gguf file, or a Hugging Face "
+              "folder (config.json + safetensors + tokenizer)")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help=MODEL_HELP)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
+    p.add_argument("--runtime", default="auto", choices=("auto", "lean", "hf"),
+                   help="lean: our Llama-family runtime; hf: generic transformers adapter; "
+                        "auto: lean when the architecture allows (default)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+
+
+def add_draft_options(p: argparse.ArgumentParser) -> None:
+    """The drafters' options and the tree size: what `DraftSpec` and the engine take."""
+    p.add_argument("--tree-size", type=int, default=None,
+                   help="most draft tokens verified per step (default: chosen each step for "
+                        "this hardware from measured verify costs and the observed acceptance; "
+                        "0 = no drafts)")
+    p.add_argument("--medusa-heads", default=None,
+                   help="medusa: a heads folder (default: next to the model, else the heads "
+                        "shipped for it)")
+    p.add_argument("--datastore", default=None,
+                   help="rest: a datastore built by `hasten datastore build`")
+    p.add_argument("--draft-model", default=None,
+                   help="model: a smaller model sharing the tokenizer (default: self-draft from "
+                        "the target's first --draft-layers layers)")
+    p.add_argument("--draft-layers", type=int, default=None,
+                   help="model: layers of the self-draft (default: a quarter of the target's)")
+    p.add_argument("--draft-depth", type=int, default=4,
+                   help="model: tokens the draft model proposes per step (default 4)")
+
+
+def add_draft_args(p: argparse.ArgumentParser) -> None:
+    """--draft NAME plus its options, for commands that run one drafter."""
+    p.add_argument("--draft", default="none", choices=DRAFTERS,
+                   help="speculative drafter: none (plain decoding), lookup (n-grams of the prompt "
+                        "and output so far), model (a draft model, or the target's own first "
+                        "layers), rest (retrieval from --datastore), medusa (trained heads); "
+                        "output is unchanged, only speed differs")
+    add_draft_options(p)
+    p.add_argument("--typical", action="store_true",
+                   help="Medusa's typical acceptance when sampling: faster but LOSSY (the output "
+                        "no longer follows the model's distribution)")
+
+
+def draft_spec(args, name: str | None = None) -> DraftSpec:
+    """The drafter the arguments describe (`name` overrides --draft), validated once."""
+    if args.tree_size is not None and args.tree_size < 0:
+        raise HastenError("--tree-size must be >= 0")
+    return DraftSpec.of(name or getattr(args, "draft", "none"), draft_model=args.draft_model,
+                        draft_layers=args.draft_layers, draft_depth=args.draft_depth,
+                        datastore=args.datastore, medusa_heads=args.medusa_heads)
+
+
+def load_model(args):
+    import torch
+
+    from ..api import load
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load(args.model, device=args.device, dtype=args.dtype, runtime=args.runtime)
+
+
+def read_prompt(arg: str | None) -> str:
+    if arg is None or arg == "-":
+        if sys.stdin.isatty():
+            raise HastenError("no prompt: pass one as an argument or pipe it on stdin")
+        arg = sys.stdin.read()
+    if not arg.strip():
+        raise HastenError("the prompt is empty")
+    return arg
