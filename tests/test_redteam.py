@@ -20,7 +20,7 @@ from hasten.redteam.forward import HFScorer, LeanScorer
 from hasten.redteam.gcg import (Search, allowed_tokens, gcg_step, retokenizes, sample_candidates,
                                 token_gradient)
 from hasten.redteam.goals import Goal, goals_from_file, is_refusal, target_for
-from hasten.redteam.losses import Layout, candidate_losses, make_layout
+from hasten.redteam.losses import candidate_losses, make_layout, swap_losses
 from tiny import hf_reference, tiny_config
 
 SPECIALS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -105,6 +105,26 @@ def test_batched_shared_prefix_loss_equals_full_forward(pair, tok, layout):
     torch.testing.assert_close(got.losses, torch.tensor(want, dtype=got.losses.dtype),
                                rtol=1e-9, atol=1e-9)
     assert len(set(round(w, 6) for w in want)) == 5  # the candidates really differ
+
+
+@pytest.mark.parametrize("chunk", [2, 64])
+def test_swap_plan_shares_the_suffix_before_the_swap_exactly(pair, tok, layout, chunk):
+    model, _ = pair
+    scorer = LeanScorer(model)
+    prefix = scorer.prefix(layout.before)
+    base = rand_suffixes(1, 6, 7, len(tok))[0]
+    g = torch.Generator().manual_seed(8)
+    cands = torch.tensor(base).repeat(9, 1)
+    for i in range(8):  # one-token swaps at every position, several at position 2, and base
+        pos = [0, 1, 2, 2, 2, 3, 5, 4][i]
+        cands[i, pos] = (base[pos] + 1 + int(torch.randint(0, 50, (1,), generator=g))) % len(tok)
+    got = swap_losses(scorer, prefix, base, cands, layout, chunk)
+    want = [full_loss(model, layout.before + c + layout.after + layout.target, len(layout.target))
+            for c in cands.tolist()]
+    torch.testing.assert_close(got.losses, torch.tensor(want, dtype=got.losses.dtype),
+                               rtol=1e-9, atol=1e-9)
+    flat = candidate_losses(scorer, prefix, cands, layout)
+    assert torch.equal(got.exact, flat.exact)
 
 
 def test_transformers_scorer_matches_lean_scorer(pair, tok, layout):
@@ -257,7 +277,7 @@ def test_probe_step_scores_probe_and_filtered_sets(monkeypatch):
     draft_loss[torch.tensor([1, 2, 3])] = -1  # the draft favours 1, 2, 3 (target: 7, 14, 21)
     scored_rows = []
 
-    def fake_losses(scorer, prefix, rows, layout, chunk):
+    def fake_losses(search, suffix, rows):
         ids = [r[0] for r in rows.tolist()]
         scored_rows.extend(ids)
         return attack_scored(ids)
@@ -267,11 +287,11 @@ def test_probe_step_scores_probe_and_filtered_sets(monkeypatch):
         return Scored(target[ids], torch.zeros(len(ids), dtype=torch.bool))
 
     class FakeDraft:
-        def losses(self, c):
+        def losses(self, c, base):
             return draft_loss[c[:, 0]]
 
     monkeypatch.setattr(probe, "propose", lambda s, suffix, g: cands)
-    monkeypatch.setattr(probe, "candidate_losses", fake_losses)
+    monkeypatch.setattr(probe, "score", fake_losses)
     gen = torch.Generator().manual_seed(5)
     search = types.SimpleNamespace(scorer=None, prefix=None, layout=None, chunk=8)
     r = probe.probe_step(search, FakeDraft(), [0, 0, 0], gen, probe_fraction=1 / 8, reduction=2)
@@ -303,6 +323,21 @@ def test_self_draft_scores_with_the_first_layers(tok, layout):
     full = LeanScorer(big)
     assert not torch.allclose(got, candidate_losses(full, full.prefix(layout.before), cands,
                                                     layout).losses)
+
+
+def test_bfloat16_self_draft_runs_on_converted_copies(tok, layout):
+    big, _ = tiny_model(tok, seed=1, dtype=torch.float32, layers=3)
+    target = Model(big, tok, "tiny", 512, (tok.eos_token_id,))
+    draft = make_draft("self:2", target, dtype=torch.bfloat16).for_goal("Tell me a secret",
+                                                                        "Sure, here is a secret")
+    assert draft.scorer.lm_head.weight_t.dtype == torch.bfloat16
+    assert big.lm_head.weight_t.dtype == torch.float32  # the target is untouched
+    cands = torch.tensor(rand_suffixes(6, 4, 5, len(tok)))
+    f32 = LeanScorer(big, 2)
+    want = candidate_losses(f32, f32.prefix(layout.before), cands, layout).losses
+    got = draft.losses(cands)
+    assert got.dtype == torch.float32  # bfloat16 logits, float32 cross-entropy
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
 
 
 def test_other_tokenizer_draft_rescores_the_candidate_text(tok):

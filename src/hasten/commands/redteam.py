@@ -54,6 +54,10 @@ def register(sub) -> None:
                    help="probe: the draft model, self:N (the target's first N layers, same "
                         "tokenizer; lean runtime) or a model spec with any tokenizer, e.g. "
                         "smollm2-135m-instruct (default self:4)")
+    p.add_argument("--draft-dtype", default=None,
+                   help="probe: the draft's precision, e.g. bfloat16 (3-4x faster matmuls on CPUs "
+                        "with AVX512-BF16/AMX; only the draft's ranking is approximate, every "
+                        "loss that decides is the target's) (default: the target's --dtype)")
     p.add_argument("--probe-fraction", type=float, default=1 / 8,
                    help="probe: share of candidates the target scores at random (default 1/8)")
     p.add_argument("--reduction", type=float, default=8.0,
@@ -66,6 +70,9 @@ def register(sub) -> None:
     p.add_argument("--eval-batch", type=int, default=128,
                    help="candidate rows per forward (memory bound; results do not depend on it "
                         "beyond float rounding) (default 128)")
+    p.add_argument("--flat-batches", action="store_true",
+                   help="score every candidate's whole suffix instead of sharing the part before "
+                        "its swapped token (same losses, slower; for measuring)")
     p.add_argument("--seed", type=int, default=0, help="seed of the candidate sampling (default 0)")
     p.add_argument("--output", "-o", default="redteam-report.json",
                    help="report JSON (a .md and .png are written next to it); rewritten after "
@@ -94,13 +101,19 @@ def run_gcg(args) -> None:
     goals = (goals_from_file(args.goals_file, args.goals) if args.goals_file
              else advbench_goals(args.goals))
     model = load_model(args)
-    draft = make_draft(args.draft, model, args.eval_batch) if "probe" in methods else None
+    draft = None
+    if "probe" in methods:
+        from ..api import parse_dtype
+        draft = make_draft(args.draft, model, args.eval_batch,
+                           dtype=parse_dtype(args.draft_dtype) if args.draft_dtype else None)
     settings = {"model": model.name, "methods": methods, "goals": args.goals,
                 "goals_file": args.goals_file, "steps": args.steps, "batch_size": args.batch_size,
                 "topk": args.topk, "suffix_length": args.suffix_length,
-                "draft": args.draft if draft else None, "probe_fraction": args.probe_fraction,
+                "draft": args.draft if draft else None,
+                "draft_dtype": args.draft_dtype if draft else None, "probe_fraction": args.probe_fraction,
                 "reduction": args.reduction, "early_stop": args.early_stop,
-                "allow_non_ascii": args.allow_non_ascii, "seed": args.seed}
+                "allow_non_ascii": args.allow_non_ascii, "flat_batches": args.flat_batches,
+                "seed": args.seed}
     runs = run_campaign(model, goals, methods, settings, args.output, draft, args.resume,
                         progress=not args.quiet, chunk=args.eval_batch)
     from ..redteam.report import summarize

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from ..errors import HastenError
 from .forward import LeanScorer, scorer_for
-from .losses import candidate_losses, make_layout
+from .losses import candidate_losses, make_layout, swap_losses
 
 
 class Draft:
@@ -38,14 +38,20 @@ class Draft:
         rows = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return [r or [self.tokenizer.encode(" ", add_special_tokens=False)[0]] for r in rows]
 
-    def losses(self, cands):
+    def losses(self, cands, base: list[int] | None = None):
+        """Draft losses of candidates (target ids); `base`: the suffix they are one-token
+        swaps of, whose shared part the draft then computes once (same tokenizer only)."""
+        if self.same_tokenizer and base is not None:
+            return swap_losses(self.scorer, self.prefix, base, cands, self.layout,
+                               self.chunk).losses
         return candidate_losses(self.scorer, self.prefix, self.rows(cands), self.layout,
                                 self.chunk).losses
 
 
-def make_draft(spec: str, target, chunk: int = 128, load=None) -> Draft:
+def make_draft(spec: str, target, chunk: int = 128, load=None, dtype=None) -> Draft:
     """`spec`: "self:N" or a model spec; `target` a `hasten.api.Model`; `load(spec)` loads a
-    model (defaults to `hasten.api.load` on the target's device)."""
+    model (defaults to `hasten.api.load` on the target's device); `dtype`: the draft's
+    precision (default the target's)."""
     if spec.startswith("self:"):
         try:
             n = int(spec.split(":", 1)[1])
@@ -53,7 +59,7 @@ def make_draft(spec: str, target, chunk: int = 128, load=None) -> Draft:
             raise HastenError(f"--draft {spec!r}: write self:N with N the number of the "
                               "target's first layers to use, e.g. self:4") from None
         try:
-            scorer = LeanScorer(target.backbone, n)
+            scorer = LeanScorer(target.backbone, n, dtype)
         except (AttributeError, TypeError):
             raise HastenError("--draft self:N needs a Llama-family target on the lean runtime; "
                               "give another model as the draft") from None
@@ -66,6 +72,6 @@ def make_draft(spec: str, target, chunk: int = 128, load=None) -> Draft:
     if load is None:
         from ..api import load as api_load
         load = lambda s: api_load(s, device=str(target.backbone.device),  # noqa: E731
-                                  dtype=target.backbone.dtype, progress=True)
+                                  dtype=dtype or target.backbone.dtype, progress=True)
     model = load(spec)
     return Draft(scorer_for(model.backbone), model.tokenizer, target.tokenizer, spec, chunk)

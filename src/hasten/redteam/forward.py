@@ -17,6 +17,8 @@ head (`logits(hidden)`), which on a 49k vocabulary is most of the saving for sho
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -24,14 +26,22 @@ from ..models.llama import LlamaModel, causal_mask, rope_inv_freq, rotate_half
 
 
 class LeanScorer:
-    def __init__(self, model: LlamaModel, n_layers: int | None = None):
+    """`n_layers`: use only the first blocks (a self-draft). `dtype`: run in another precision
+    than the model's, on converted copies of the modules used (e.g. a bfloat16 draft of a
+    float32 target: 3-4x faster matmuls on CPUs with AVX512-BF16 or AMX)."""
+
+    def __init__(self, model: LlamaModel, n_layers: int | None = None,
+                 dtype: torch.dtype | None = None):
         total = model.config.num_layers
         n_layers = total if n_layers is None else n_layers
         if not 1 <= n_layers <= total:
             raise ValueError(f"layers must be in [1, {total}], got {n_layers}")
         self.model, self.n_layers = model, n_layers
-        self.blocks = list(model.blocks[:n_layers])
-        self.device, self.dtype = model.device, model.dtype
+        modules = [model.embed, model.norm, model.lm_head, *model.blocks[:n_layers]]
+        if dtype is not None and dtype != model.dtype:
+            modules = [copy.deepcopy(m).to(dtype) for m in modules]
+        self.embedding, self.norm, self.lm_head, *self.blocks = modules
+        self.device, self.dtype = model.device, dtype or model.dtype
         self.vocab_size = model.config.vocab_size
         self._cos = self._sin = None
 
@@ -39,10 +49,10 @@ class LeanScorer:
 
     @property
     def embed_weight(self) -> torch.Tensor:
-        return self.model.embed.weight
+        return self.embedding.weight
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed(ids)
+        return self.embedding(ids)
 
     def embed_one_hot(self, one_hot: torch.Tensor) -> torch.Tensor:
         return one_hot @ self.embed_weight
@@ -83,7 +93,7 @@ class LeanScorer:
             x = x + blk.wo(attn.transpose(1, 2).reshape(b, t, -1))
             gate, up = blk.w_gate_up(blk.mlp_norm(x)).chunk(2, dim=-1)
             x = x + blk.w_down(F.silu(gate) * up)
-        return self.model.norm(x), kv
+        return self.norm(x), kv
 
     def prefix(self, ids: list[int]):
         """The K/V of the shared prefix, per layer, computed once (no gradient)."""
@@ -91,12 +101,18 @@ class LeanScorer:
             x = self.embed(torch.tensor([ids], device=self.device))
             return self._run(x, None)[1]
 
+    def extend(self, prefix, ids: list[int]):
+        """The prefix K/V followed by that of `ids`."""
+        with torch.no_grad():
+            kv = self._run(self.embed(torch.tensor([ids], device=self.device)), prefix)[1]
+        return [(torch.cat([pk, k], 2), torch.cat([pv, v], 2)) for (pk, pv), (k, v) in zip(prefix, kv)]
+
     def hidden(self, prefix, embeds: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states [B, T, D] of embedded rows continuing the prefix."""
         return self._run(embeds, prefix)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden)
+        return self.lm_head(hidden)
 
 
 class HFScorer:
@@ -130,7 +146,7 @@ class HFScorer:
         cache = out.past_key_values
         return [(layer.keys, layer.values) for layer in cache.layers]
 
-    def hidden(self, prefix, embeds: torch.Tensor) -> torch.Tensor:
+    def _run(self, prefix, embeds: torch.Tensor):
         from transformers import DynamicCache
 
         b, t, _ = embeds.shape
@@ -139,10 +155,18 @@ class HFScorer:
         for i, (k, v) in enumerate(prefix):
             cache.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), i)
         positions = torch.arange(p, p + t, device=self.device).expand(b, t)
-        out = self.model.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True,
-                               position_ids=positions,
-                               cache_position=torch.arange(p, p + t, device=self.device))
-        return out.last_hidden_state
+        out = self.model.base_model(inputs_embeds=embeds, past_key_values=cache, use_cache=True,
+                                    position_ids=positions,
+                                    cache_position=torch.arange(p, p + t, device=self.device))
+        return out.last_hidden_state, cache
+
+    def hidden(self, prefix, embeds: torch.Tensor) -> torch.Tensor:
+        return self._run(prefix, embeds)[0]
+
+    def extend(self, prefix, ids: list[int]):
+        with torch.no_grad():
+            cache = self._run(prefix, self.embed(torch.tensor([ids], device=self.device)))[1]
+        return [(layer.keys, layer.values) for layer in cache.layers]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.lm_head(hidden)

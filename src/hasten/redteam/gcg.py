@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .losses import Layout, candidate_losses, target_loss
+from .losses import Layout, Scored, candidate_losses, swap_losses, target_loss
 
 
 def token_gradient(scorer, prefix, suffix: list[int], layout: Layout):
@@ -109,6 +109,14 @@ class Search:
     batch: int
     topk: int
     chunk: int = 128
+    share_suffix: bool = True  # swap_losses (suffix before the swap shared) or flat batches
+
+
+def score(s: Search, suffix: list[int], cands: torch.Tensor) -> Scored:
+    """Target losses of candidates of `suffix`, in the fastest exact plan."""
+    if s.share_suffix:
+        return swap_losses(s.scorer, s.prefix, suffix, cands, s.layout, s.chunk)
+    return candidate_losses(s.scorer, s.prefix, cands, s.layout, s.chunk)
 
 
 def propose(s: Search, suffix: list[int], generator: torch.Generator) -> torch.Tensor:
@@ -123,7 +131,7 @@ def gcg_step(s: Search, suffix: list[int], generator: torch.Generator) -> StepRe
     if len(cands) == 0:  # nothing re-tokenised: stay (the next draw differs)
         scored = candidate_losses(s.scorer, s.prefix, [suffix], s.layout, s.chunk)
         return StepResult(suffix, float(scored.losses[0]), bool(scored.exact[0]), 1)
-    scored = candidate_losses(s.scorer, s.prefix, cands, s.layout, s.chunk)
+    scored = score(s, suffix, cands)
     best = int(scored.losses.argmin())
     return StepResult(cands[best].tolist(), float(scored.losses[best]), bool(scored.exact[best]),
                       len(cands))

@@ -98,3 +98,34 @@ def candidate_losses(scorer, prefix, suffixes: list[list[int]] | torch.Tensor, l
     if not losses:
         return Scored(torch.empty(0), torch.empty(0, dtype=torch.bool))
     return Scored(torch.cat(losses), torch.cat(exact))
+
+
+
+@torch.inference_mode()
+def swap_losses(scorer, prefix, base: list[int], cands: torch.Tensor, layout: Layout,
+                chunk: int = 128) -> Scored:
+    """`candidate_losses` for candidates that each differ from `base` from some position p on
+    (GCG's one-token swaps): everything before p is `base`, so its K/V is shared too. The
+    base suffix's K/V is computed once over the prefix; the candidates swapping position p
+    run as rows `cand[p:] + after + target` over the first P + p cached entries. Rows get
+    shorter by p tokens: on average half the suffix is never recomputed. Same losses as
+    `candidate_losses` (up to float rounding)."""
+    b, L = cands.shape
+    differs = cands.cpu() != torch.tensor(base)
+    # the first differing position; a candidate equal to base recomputes its last token
+    first = torch.where(differs.any(1), differs.float().argmax(1), torch.full((b,), L - 1))
+    ext = scorer.extend(prefix, base)
+    P = prefix[0][0].shape[2]
+    losses, exact = [None] * b, [None] * b
+    for p in first.unique().tolist():
+        idx = (first == p).nonzero().squeeze(1)
+        past = [(k[:, :, :P + p], v[:, :, :P + p]) for k, v in ext]
+        for lo in range(0, len(idx), chunk):
+            part = idx[lo:lo + chunk]
+            rows, start = _rows(cands[part, p:].tolist(), layout.after, layout.target,
+                                scorer.device)
+            scored = target_loss(scorer, scorer.hidden(past, scorer.embed(rows)), start,
+                                 layout.target)
+            for j, i in enumerate(part.tolist()):
+                losses[i], exact[i] = scored.losses[j], scored.exact[j]
+    return Scored(torch.stack(losses), torch.stack(exact))

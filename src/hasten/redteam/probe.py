@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .gcg import Search, StepResult, propose
+from .gcg import Search, StepResult, propose, score
 from .losses import candidate_losses
 
 
@@ -52,16 +52,16 @@ def filtered_size(alpha: float, batch: int, reduction: float) -> int:
 
 def probe_step(s: Search, draft, suffix: list[int], generator: torch.Generator,
                probe_fraction: float = 1 / 8, reduction: float = 8) -> StepResult:
-    """One probe-sampling step; `draft.losses(cands)` scores candidates on the draft."""
+    """One probe-sampling step; `draft.losses(cands, suffix)` scores candidates on the draft."""
     cands = propose(s, suffix, generator)
     b = len(cands)
     if b == 0:
         scored = candidate_losses(s.scorer, s.prefix, [suffix], s.layout, s.chunk)
         return StepResult(suffix, float(scored.losses[0]), bool(scored.exact[0]), 1)
-    draft_losses = draft.losses(cands)
+    draft_losses = draft.losses(cands, suffix)
     k = min(b, max(1, round(b * probe_fraction)))
     probe = torch.randperm(b, generator=generator)[:k]
-    probe_scored = candidate_losses(s.scorer, s.prefix, cands[probe], s.layout, s.chunk)
+    probe_scored = score(s, suffix, cands[probe])
     alpha = agreement(spearman(draft_losses[probe], probe_scored.losses))
     outside = torch.ones(b, dtype=torch.bool)
     outside[probe] = False
@@ -71,7 +71,7 @@ def probe_step(s: Search, draft, suffix: list[int], generator: torch.Generator,
     pool = torch.cat([probe, filtered])
     losses, exact = probe_scored.losses, probe_scored.exact
     if n:
-        f = candidate_losses(s.scorer, s.prefix, cands[filtered], s.layout, s.chunk)
+        f = score(s, suffix, cands[filtered])
         losses, exact = torch.cat([losses, f.losses]), torch.cat([exact, f.exact])
     best = int(losses.argmin())
     return StepResult(cands[pool[best]].tolist(), float(losses[best]), bool(exact[best]),

@@ -65,7 +65,8 @@ def run_campaign(model, goals: list[Goal], methods: list[str], settings: dict, o
             continue
         layout = make_layout(model.tokenizer, g.goal, g.target)
         search = Search(scorer, scorer.prefix(layout.before), layout, model.tokenizer, allowed,
-                        settings["batch_size"], settings["topk"], chunk)
+                        settings["batch_size"], settings["topk"], chunk,
+                        share_suffix=not settings.get("flat_batches", False))
         if m == "probe":
             draft.for_goal(g.goal, g.target)
         bar = _bar(progress, settings["steps"], state.step, f"[{n}/{len(order)}] goal {g.index} {m}")
