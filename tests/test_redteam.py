@@ -533,3 +533,29 @@ def test_command_rejects_bad_arguments_before_loading(monkeypatch):
         args = parser.parse_args(["redteam", "gcg", *argv])
         with pytest.raises(HastenError, match=msg):
             args.run(args)
+
+
+def test_swap_plan_on_the_transformers_scorer(pair, tok, layout):
+    model, ref = pair
+    hf = HFScorer(ref)
+    base = rand_suffixes(1, 5, 9, len(tok))[0]
+    cands = torch.tensor(base).repeat(5, 1)
+    for i, pos in enumerate([0, 3, 3, 4, 1]):
+        cands[i, pos] = (base[pos] + 7 + i) % len(tok)
+    got = swap_losses(hf, hf.prefix(layout.before), base, cands, layout, chunk=1)
+    lean = LeanScorer(model)
+    want = candidate_losses(lean, lean.prefix(layout.before), cands, layout)
+    torch.testing.assert_close(got.losses, want.losses, rtol=1e-6, atol=1e-6)
+
+
+def test_group_plan_minimises_padding_plus_overhead():
+    from hasten.redteam.losses import plan_groups
+    assert plan_groups([10, 10, 10], overhead=100) == [(0, 3)]
+    assert plan_groups([50, 50, 2, 2], overhead=1) == [(0, 2), (2, 4)]
+    assert plan_groups([5] * 5, overhead=0, max_rows=2) in ([(0, 1), (1, 3), (3, 5)],
+                                                             [(0, 2), (2, 4), (4, 5)],
+                                                             [(0, 2), (2, 3), (3, 5)],
+                                                             [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)])
+    groups = plan_groups([9, 7, 7, 3, 1], overhead=4, max_rows=3)
+    assert groups[0][0] == 0 and groups[-1][1] == 5 and all(b - a <= 3 for a, b in groups)
+    assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))

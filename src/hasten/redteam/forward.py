@@ -26,12 +26,15 @@ from ..models.llama import LlamaModel, causal_mask, rope_inv_freq, rotate_half
 
 
 class LeanScorer:
-    """`n_layers`: use only the first blocks (a self-draft). `dtype`: run in another precision
+    """Our lean runtime's weights, run as a batch over a shared prefix.
+
+    `n_layers`: use only the first blocks (a self-draft). `dtype`: run in another precision
     than the model's, on converted copies of the modules used (e.g. a bfloat16 draft of a
     float32 target: 3-4x faster matmuls on CPUs with AVX512-BF16 or AMX)."""
 
     def __init__(self, model: LlamaModel, n_layers: int | None = None,
                  dtype: torch.dtype | None = None):
+        self.row_offsets = True  # `hidden(..., visible=)` runs rows of different offsets at once
         total = model.config.num_layers
         n_layers = total if n_layers is None else n_layers
         if not 1 <= n_layers <= total:
@@ -69,12 +72,24 @@ class LeanScorer:
             self._sin = angles.sin().to(self.device, self.dtype)
         return self._cos[start:start + t], self._sin[start:start + t]
 
-    def _run(self, x: torch.Tensor, past: list | None):
-        """x [B, T, D] after `past` (per layer (k, v) [1, n_kv, P, hd]) -> (normed hidden, kv)."""
+    def _run(self, x: torch.Tensor, past: list | None, visible: torch.Tensor | None = None):
+        """x [B, T, D] after `past` (per layer (k, v) [1, n_kv, P, hd]) -> (normed hidden, kv).
+
+        `visible` [B] (optional): row i sees only the first visible[i] past entries and sits
+        at positions visible[i], visible[i] + 1, ... (rows continuing different lengths of
+        one shared past, in one pass)."""
         b, t, _ = x.shape
         p = past[0][0].shape[2] if past else 0
-        cos, sin = self._rope(p, t)
-        mask = causal_mask(p, t, self.device) if p else None
+        if visible is None:
+            cos, sin = self._rope(p, t)
+            mask = causal_mask(p, t, self.device) if p else None
+        else:
+            cos, sin = self._rope(0, p + t)
+            positions = visible[:, None] + torch.arange(t, device=self.device)  # [B, T]
+            cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+            seen = torch.arange(p, device=self.device)[None, :] < visible[:, None]  # [B, P]
+            mask = torch.cat([seen[:, None, :].expand(b, t, p),
+                              causal_mask(0, t, self.device).expand(b, t, t)], dim=2)[:, None]
         kv = []
         for i, blk in enumerate(self.blocks):
             q, k, v = blk.wqkv(blk.attn_norm(x)).split(blk.split, dim=-1)
@@ -107,9 +122,10 @@ class LeanScorer:
             kv = self._run(self.embed(torch.tensor([ids], device=self.device)), prefix)[1]
         return [(torch.cat([pk, k], 2), torch.cat([pv, v], 2)) for (pk, pv), (k, v) in zip(prefix, kv)]
 
-    def hidden(self, prefix, embeds: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states [B, T, D] of embedded rows continuing the prefix."""
-        return self._run(embeds, prefix)[0]
+    def hidden(self, prefix, embeds: torch.Tensor, visible: torch.Tensor | None = None):
+        """Final-norm hidden states [B, T, D] of embedded rows continuing the prefix (row i
+        continuing only its first visible[i] entries, when given)."""
+        return self._run(embeds, prefix, visible)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
@@ -117,6 +133,8 @@ class LeanScorer:
 
 class HFScorer:
     """The same interface over a `transformers` causal LM (e.g. `HFBackbone.model`)."""
+
+    row_offsets = False
 
     def __init__(self, model: torch.nn.Module):
         self.model = model.eval()

@@ -101,31 +101,67 @@ def candidate_losses(scorer, prefix, suffixes: list[list[int]] | torch.Tensor, l
 
 
 
+# One forward costs about this many token rows beyond its rows (reading every weight once,
+# Python per layer); it only steers how candidates are grouped, never a result.
+GROUP_OVERHEAD_ROWS = 24
+
+
+def plan_groups(widths: list[int], overhead: int = GROUP_OVERHEAD_ROWS,
+                max_rows: int = 128) -> list[tuple[int, int]]:
+    """Split rows sorted by width, widest first, into runs [lo, hi) padded to their first
+    row's width, minimising sum(overhead + rows * width) (dynamic programming)."""
+    n = len(widths)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for hi in range(1, n + 1):
+        for lo in range(max(0, hi - max_rows), hi):
+            cost = best[lo] + overhead + (hi - lo) * widths[lo]
+            if cost < best[hi]:
+                best[hi], cut[hi] = cost, lo
+    groups, hi = [], n
+    while hi:
+        groups.append((cut[hi], hi))
+        hi = cut[hi]
+    return groups[::-1]
+
+
 @torch.inference_mode()
 def swap_losses(scorer, prefix, base: list[int], cands: torch.Tensor, layout: Layout,
                 chunk: int = 128) -> Scored:
     """`candidate_losses` for candidates that each differ from `base` from some position p on
     (GCG's one-token swaps): everything before p is `base`, so its K/V is shared too. The
-    base suffix's K/V is computed once over the prefix; the candidates swapping position p
-    run as rows `cand[p:] + after + target` over the first P + p cached entries. Rows get
-    shorter by p tokens: on average half the suffix is never recomputed. Same losses as
-    `candidate_losses` (up to float rounding)."""
+    base suffix's K/V is computed once over the prefix; a candidate swapping position p runs
+    as the row `cand[p:] + after + target` over the first P + p cached entries, so on average
+    half the suffix is never recomputed. Rows are sorted by p and grouped (`plan_groups`) so
+    that a few tokens of padding buy fewer forwards; scorers that cannot offset rows
+    (`row_offsets` False) run one group per p. Same losses as `candidate_losses` (up to
+    float rounding)."""
     b, L = cands.shape
     differs = cands.cpu() != torch.tensor(base)
     # the first differing position; a candidate equal to base recomputes its last token
     first = torch.where(differs.any(1), differs.float().argmax(1), torch.full((b,), L - 1))
     ext = scorer.extend(prefix, base)
     P = prefix[0][0].shape[2]
+    order = first.argsort(stable=True)
+    if getattr(scorer, "row_offsets", False):
+        groups = plan_groups([L - int(first[i]) for i in order], max_rows=chunk)
+    else:
+        groups, lo = [], 0
+        for n in torch.unique_consecutive(first[order], return_counts=True)[1].tolist():
+            groups += [(a, min(a + chunk, lo + n)) for a in range(lo, lo + n, chunk)]
+            lo += n
     losses, exact = [None] * b, [None] * b
-    for p in first.unique().tolist():
-        idx = (first == p).nonzero().squeeze(1)
-        past = [(k[:, :, :P + p], v[:, :, :P + p]) for k, v in ext]
-        for lo in range(0, len(idx), chunk):
-            part = idx[lo:lo + chunk]
-            rows, start = _rows(cands[part, p:].tolist(), layout.after, layout.target,
-                                scorer.device)
-            scored = target_loss(scorer, scorer.hidden(past, scorer.embed(rows)), start,
-                                 layout.target)
-            for j, i in enumerate(part.tolist()):
-                losses[i], exact[i] = scored.losses[j], scored.exact[j]
+    for lo, hi in groups:
+        part = order[lo:hi]
+        starts = first[part]
+        rows, at = _rows([cands[i, int(p):].tolist() for i, p in zip(part, starts)],
+                         layout.after, layout.target, scorer.device)
+        if getattr(scorer, "row_offsets", False):
+            hidden = scorer.hidden(ext, scorer.embed(rows), (P + starts).to(scorer.device))
+        else:
+            p = int(starts[0])
+            hidden = scorer.hidden([(k[:, :, :P + p], v[:, :, :P + p]) for k, v in ext],
+                                   scorer.embed(rows))
+        scored = target_loss(scorer, hidden, at, layout.target)
+        for j, i in enumerate(part.tolist()):
+            losses[i], exact[i] = scored.losses[j], scored.exact[j]
     return Scored(torch.stack(losses), torch.stack(exact))
