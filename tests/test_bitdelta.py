@@ -355,6 +355,35 @@ def test_distillation_resumes_where_it_stopped(pair, tmp_path, monkeypatch):
     assert len(report["last_losses"]) == 5
 
 
+def test_distillation_can_be_stopped_early_and_resumed_with_fewer_steps(pair, tmp_path):
+    base, ft, *_ = pair
+    options = dict(batch=2, lr=0.05, checkpoint_every=2, progress=False,
+                   texts=ids(8, 16, seed=1), held_out=ids(2, 16, seed=2))
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    path = compressed(pair, straight)
+    distill_mod.distill(base, ft, path, steps=4, **options)
+    path2 = compressed(pair, tmp_path)
+    real, calls = distill_mod.logit_terms, []
+
+    def crash_at_seventh_step(*args):
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 7:
+                raise KeyboardInterrupt
+        return real(*args)
+
+    distill_mod.logit_terms = crash_at_seventh_step
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            distill_mod.distill(base, ft, path2, steps=10, **options)
+    finally:
+        distill_mod.logit_terms = real
+    report = distill_mod.distill(base, ft, path2, steps=4, **options)  # checkpoint at 6 > 4
+    assert report["steps"] == 6  # the steps actually made
+    assert bd.load(path2).scales != bd.load(path).scales
+
+
 def test_distillation_checks_the_fine_tune(pair, tmp_path):
     base, ft, base_sd, _, config = pair
     path = compressed(pair, tmp_path)

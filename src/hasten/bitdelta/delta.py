@@ -75,7 +75,8 @@ def weights_fingerprint(sd: dict[str, torch.Tensor], samples: int = 256) -> str:
         t = sd[name]
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         flat = t.reshape(-1)
-        index = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel())).long()
+        k = min(samples, flat.numel())
+        index = torch.arange(k) * (flat.numel() - 1) // max(k - 1, 1)  # integers: exact
         h.update(flat[index].float().numpy().tobytes())
     return h.hexdigest()[:32]
 

@@ -13,7 +13,7 @@ The student's weights are W_base + alpha * S, formed per step (S unpacked once, 
 matmul per layer and the gradient reaches alpha through autograd. The teacher (the fine-tune)
 runs alongside without gradients. Progress is checkpointed into the delta folder
 (`distill-state.pt`: step, multipliers, optimizer) every few steps; running again with the
-same settings resumes there. Logit MSE and KL(fine-tune || compressed) are measured on held-out
+same settings (the step count may differ) resumes there. Logit MSE and KL(fine-tune || compressed) are measured on held-out
 windows before and after, and stored in bitdelta.json.
 """
 
@@ -97,6 +97,12 @@ def _distance(student: Student, teacher, windows: torch.Tensor, batch: int = 2):
     return mse / len(windows), kl / len(windows)
 
 
+def _without_steps(settings: dict) -> dict:
+    """What must match to resume: everything but the number of steps (which may grow or
+    shrink: the learning rate is constant, so step k is the same step either way)."""
+    return {k: v for k, v in settings.items() if k != "steps"}
+
+
 def distill(base: str | Path, finetune: str | Path, delta_path: str | Path, steps: int = 200,
             batch: int = 4, window: int = 128, windows: int = 800, lr: float = 1e-2,
             eval_windows: int = 16, checkpoint_every: int = 10, seed: int = 0,
@@ -129,7 +135,7 @@ def distill(base: str | Path, finetune: str | Path, delta_path: str | Path, step
     state = {"step": 0, "losses": []}
     if state_path.is_file():
         saved = torch.load(state_path, weights_only=False)
-        if saved["settings"] != settings:
+        if _without_steps(saved["settings"]) != _without_steps(settings):
             raise HastenError(f"{state_path} holds a distillation with other settings "
                               f"({saved['settings']}); use them to resume, or delete the file "
                               "to start over")
@@ -168,7 +174,7 @@ def distill(base: str | Path, finetune: str | Path, delta_path: str | Path, step
     delta.scales = student.scales()
     m = student.m.detach()
     delta.meta["distill"] = {
-        **{k: v for k, v in settings.items() if k != "finetune"},
+        **{k: v for k, v in settings.items() if k != "finetune"}, "steps": state["step"],
         "trained": "per-matrix scale multipliers only",
         "mse_before": state["before"][0], "kl_before": state["before"][1],
         "mse_after": after[0], "kl_after": after[1], "eval_windows": len(held_out),
