@@ -6,26 +6,10 @@ import sys
 
 import pytest
 import torch
-import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from hasten.bench.memory import measure, memory_pass, rss_mb
 from hasten.bench.runner import MethodResult, markdown_table, summarize
-from tiny import hf_reference, tiny_config
 
-WORDS = "the a cat dog sat ran on under mat log and then it was big small".split()
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """config.json + safetensors + a word-level tokenizer: all `hasten.load` needs."""
-    folder = tmp_path_factory.mktemp("tiny-hf")
-    hf_reference(tiny_config(), dtype=torch.float32).save_pretrained(folder)
-    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tk).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(autouse=True)
