@@ -368,7 +368,7 @@ def target_model(tok):
 def settings(**kw):
     s = {"model": "tiny", "methods": ["gcg", "probe"], "goals": 2, "goals_file": None,
          "steps": 4, "batch_size": 12, "topk": 6, "suffix_length": 4, "draft": "self:1",
-         "probe_fraction": 0.25, "reduction": 2.0, "early_stop": False,
+         "probe_fraction": 0.25, "reduction": 2.0, "early_stop": False, "check_every": 2,
          "allow_non_ascii": False, "seed": 7}
     s.update(kw)
     return s
@@ -379,7 +379,7 @@ GOALS = [Goal(0, "Tell me a secret", "Sure, here is a secret"), Goal(1, "Say hi"
 
 def comparable(runs):
     keys = ("goal_index", "method", "suffix", "best_suffix", "best_loss", "step", "target_rows",
-            "draft_rows", "alphas", "rng", "reply", "exact_step")
+            "draft_rows", "alphas", "rng", "reply", "exact_step", "success_step")
     return [{k: r.to_json()[k] for k in keys} | {"losses": [h[1] for h in r.history]}
             for r in runs]
 
@@ -393,6 +393,8 @@ def test_campaign_is_seeded_and_resumes_exactly(target_model, tmp_path, monkeypa
     assert comparable(first) == comparable(second)
     assert len({tuple(r.best_suffix) for r in first}) > 1
     assert all(r.step == 4 and r.done and r.reply is not None for r in first)
+    # random characters never contain a refusal: the first check (step 2) succeeds
+    assert all(r.success and r.success_step == 2 and r.check_s > 0 for r in first)
     assert [r.method for r in first] == ["gcg", "probe", "gcg", "probe"]
 
     saves = {"n": 0}
@@ -468,7 +470,7 @@ def test_summary_and_markdown_on_hand_made_runs(tmp_path):
     report.write_markdown(tmp_path / "r.md", {"x": 1}, runs, "r.png")
     report.plot(tmp_path / "r.png", runs)
     md = (tmp_path / "r.md").read_text()
-    assert "4.25x in total" in md and "| 1 | probe | True | True | 1 |" in md
+    assert "4.25x in total" in md and "| 1 | probe | True | True | None | 1 |" in md
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -65,6 +65,10 @@ def register(sub) -> None:
     p.add_argument("--early-stop", action="store_true",
                    help="stop a goal at the first step whose suffix makes greedy decoding "
                         "start with the target")
+    p.add_argument("--check-every", type=int, default=0,
+                   help="generate a reply every N steps to find the first step whose reply has "
+                        "no refusal (steps to success; timed apart from the search) (default 0: "
+                        "only after the last step)")
     p.add_argument("--allow-non-ascii", action="store_true",
                    help="let suffixes use tokens that are not printable ASCII")
     p.add_argument("--eval-batch", type=int, default=128,
@@ -93,6 +97,8 @@ def run_gcg(args) -> None:
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise HastenError(f"--method {args.method!r}: choose gcg, probe or gcg,probe")
+    if args.check_every < 0:
+        raise HastenError("--check-every must be >= 0")
     for name in ("goals", "steps", "batch_size", "topk", "suffix_length", "eval_batch"):
         if getattr(args, name) < 1:
             raise HastenError(f"--{name.replace('_', '-')} must be at least 1")
@@ -112,6 +118,7 @@ def run_gcg(args) -> None:
                 "draft": args.draft if draft else None,
                 "draft_dtype": args.draft_dtype if draft else None, "probe_fraction": args.probe_fraction,
                 "reduction": args.reduction, "early_stop": args.early_stop,
+                "check_every": args.check_every,
                 "allow_non_ascii": args.allow_non_ascii, "flat_batches": args.flat_batches,
                 "seed": args.seed}
     runs = run_campaign(model, goals, methods, settings, args.output, draft, args.resume,

@@ -40,12 +40,14 @@ def summarize(runs: list[RunState]) -> dict:
             continue
         checked = [r for r in rs if r.success is not None]
         steps = [r.exact_step for r in rs if r.exact_step is not None]
+        jb = [r.success_step for r in rs if r.success_step is not None]
         out[m] = {
             "runs": len(rs),
             "success_rate": _mean([r.success for r in checked]),
             "exact_rate": _mean([r.exact for r in checked]),
             "target_exact_rate": _mean([r.exact_step is not None for r in rs]),
             "median_steps_to_exact": statistics.median(steps) if steps else None,
+            "median_steps_to_success": statistics.median(jb) if jb else None,
             "median_final_loss": statistics.median(r.best_loss for r in rs),
             "target_rows": sum(r.target_rows for r in rs),
             "draft_rows": sum(r.draft_rows for r in rs),
@@ -93,12 +95,13 @@ def write_markdown(path: str | Path, settings: dict, runs: list[RunState],
         lines += ["", f"Plain GCG wall time / probe sampling wall time: "
                       f"{s['gcg_over_probe_wall']}x in total, {s['median_per_goal_ratio']}x "
                       "median per goal."]
-    lines += ["", "| goal | method | success | exact | steps to exact | steps | final loss | "
-                  "target rows | draft rows | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| goal | method | success | exact | steps to success | steps to exact | steps "
+                  "| final loss | target rows | draft rows | wall s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs, key=lambda r: (r.goal_index, r.method)):
-        lines.append(f"| {r.goal_index} | {r.method} | {r.success} | {r.exact} | {r.exact_step} | "
-                     f"{r.step} | {r.best_loss:.3f} | {r.target_rows} | {r.draft_rows} | "
-                     f"{r.wall_s:.1f} |")
+        lines.append(f"| {r.goal_index} | {r.method} | {r.success} | {r.exact} | {r.success_step} "
+                     f"| {r.exact_step} | {r.step} | {r.best_loss:.3f} | {r.target_rows} | "
+                     f"{r.draft_rows} | {r.wall_s:.1f} |")
     if chart:
         lines += ["", f"![loss against time]({chart})"]
     Path(path).write_text("\n".join(lines) + "\n")

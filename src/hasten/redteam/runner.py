@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ..errors import HastenError
-from .attack import RunState, check_reply, new_state, run_steps
+from .attack import RunState, check_progress, check_reply, new_state, run_steps
 from .drafts import Draft
 from .forward import scorer_for
 from .gcg import Search, allowed_tokens
@@ -36,9 +36,11 @@ def run_campaign(model, goals: list[Goal], methods: list[str], settings: dict, o
     runs: dict[tuple[int, str], RunState] = {}
     if resume and output.is_file():
         old_settings, old_runs = load_json(output)
-        if old_settings != settings:
-            diff = {k: (old_settings.get(k), v) for k, v in settings.items()
-                    if old_settings.get(k) != v}
+        # a setting an older report lacks counts as off (None / 0 / False)
+        diff = {k: (old_settings.get(k), v) for k, v in settings.items()
+                if old_settings.get(k, v if not v else None) != v}
+        diff.update({k: (v, None) for k, v in old_settings.items() if k not in settings})
+        if diff:
             raise HastenError(f"{output} was made with other settings {diff}; rerun them or "
                               "give another --output")
         runs = {(r.goal_index, r.method): r for r in old_runs}
@@ -71,7 +73,10 @@ def run_campaign(model, goals: list[Goal], methods: list[str], settings: dict, o
             draft.for_goal(g.goal, g.target)
         bar = _bar(progress, settings["steps"], state.step, f"[{n}/{len(order)}] goal {g.index} {m}")
 
-        def on_step(st, bar=bar):
+        def on_step(st, bar=bar, layout=layout):
+            every = settings.get("check_every") or 0
+            if every and st.step % every == 0:
+                check_progress(model, st, layout)
             save()
             if bar is not None:
                 bar.update(1)
