@@ -90,8 +90,12 @@ def run_campaign(model, goals: list[Goal], methods: list[str], settings: dict, o
         save()
     finished = [runs[(g.index, m)] for g, m in order]
     chart = output.with_suffix(".png")
-    plot(chart, finished)
-    write_markdown(output.with_suffix(".md"), settings, finished, chart.name)
+    try:
+        plot(chart, finished)
+    except ImportError:  # matplotlib is optional (the `bench` extra)
+        print("hasten: no chart: pip install matplotlib for one", file=sys.stderr)
+        chart = None
+    write_markdown(output.with_suffix(".md"), settings, finished, chart.name if chart else None)
     return finished
 
 
