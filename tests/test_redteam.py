@@ -561,3 +561,26 @@ def test_group_plan_minimises_padding_plus_overhead():
     groups = plan_groups([9, 7, 7, 3, 1], overhead=4, max_rows=3)
     assert groups[0][0] == 0 and groups[-1][1] == 5 and all(b - a <= 3 for a, b in groups)
     assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+
+
+def test_gradient_through_the_transformers_scorer(pair, tok, layout):
+    model, ref = pair
+    suffix = rand_suffixes(1, 6, 11, len(tok))[0]
+    lean, hf = LeanScorer(model), HFScorer(ref)
+    want, want_loss = token_gradient(lean, lean.prefix(layout.before), suffix, layout)
+    got, loss = token_gradient(hf, hf.prefix(layout.before), suffix, layout)
+    assert loss == pytest.approx(want_loss, rel=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_one_hot_embedding_applies_gemma_scale():
+    import transformers
+    cfg = transformers.AutoConfig.for_model(
+        model_type="gemma3_text", vocab_size=50, hidden_size=16, intermediate_size=32,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+        max_position_embeddings=64, layer_types=["full_attention"])
+    gemma = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    hf = HFScorer(gemma)
+    ids = torch.tensor([3, 7, 9])
+    torch.testing.assert_close(hf.embed_one_hot(F.one_hot(ids, 50).float()), hf.embed(ids))
+    assert hf.scale == pytest.approx(16 ** 0.5)
