@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from .decoding.budget import (MAX_TREE_SIZE, AdaptiveTreeSize, CalibratedTreeSize, CostCurve,
                               cached_cost_curve)
 from .decoding.engine import generate_speculative
+from .decoding.exactness import Exactness, cached_exactness, read_cached
 from .decoding.stats import GenerationStats
 from .decoding.sampling import SamplingParams
 from .drafters import DraftSpec, build_drafter
@@ -75,12 +77,14 @@ class Model:
         # Identifies the weights in cache keys: cache entries are named by content hash.
         self.fingerprint = folder.name if folder else name
         self._cost_curve: CostCurve | None = None
+        self._exactness: Exactness | None = None
         self.tokenizer = tokenizer
         self.name = name
         self.max_positions = max_positions
         self.stop_ids = stop_ids
         self.last_stats = GenerationStats()
         self._drafters: dict[DraftSpec, object] = {}
+        self._warned = False  # the not-exact warning is printed once per model
 
     @property
     def has_chat_template(self) -> bool:
@@ -135,6 +139,14 @@ class Model:
         if draft is None or isinstance(draft, (str, DraftSpec)):
             draft = self.drafter(draft)
         sizer = None
+        if draft is not None:
+            exact = self.exactness()
+            self.last_stats.exact = exact.exact
+            if not exact.exact and not self._warned:
+                self._warned = True
+                print(f"hasten: warning: speculative decoding is not bit-exact for {self.name} "
+                      f"here: {exact.why}. Greedy output may differ from plain decoding in rare "
+                      "tokens.", file=sys.stderr, flush=True)
         if draft is not None and tree_size is None:
             expected = getattr(draft, "expected_lengths", None)
             # A static tree with measured expected lengths (Medusa): its size is picked from
@@ -145,14 +157,35 @@ class Model:
                                     stops, generator, self.max_positions, tree_size, typical,
                                     sizer, self.last_stats)
 
+    def machine_key(self, kind: str) -> str:
+        """Names a measurement of this model on this machine: weights, runtime, attention mode,
+        device, dtype and threads (the CPU itself is the cache's: each machine has its own)."""
+        b = self.backbone
+        mode = "exact" if getattr(b, "exact", False) else "sdpa"
+        return (f"{kind}-{self.fingerprint}-{type(b).__name__}-{mode}-{b.device.type}-"
+                f"{str(b.dtype).removeprefix('torch.')}-t{torch.get_num_threads()}")
+
     def cost_curve(self) -> CostCurve:
         """Verify cost per tree size on this model/device/dtype, measured once and cached."""
         if self._cost_curve is None:
-            b = self.backbone
-            key = (f"v4-{self.fingerprint}-{type(b).__name__}-{b.device.type}-"
-                   f"{str(b.dtype).removeprefix('torch.')}-t{torch.get_num_threads()}")
-            self._cost_curve = cached_cost_curve(b, key, cache_root() / "costs")
+            self._cost_curve = cached_cost_curve(self.backbone, self.machine_key("v6"),
+                                                 cache_root() / "costs")
         return self._cost_curve
+
+    def exactness(self) -> Exactness:
+        """Whether speculative greedy output is bit-identical to plain decoding here, in the
+        attention mode this model runs: measured once per machine (seconds) and cached."""
+        if self._exactness is None:
+            b = self.backbone
+            if hasattr(b, "exact") and not b.exact:
+                self._exactness = Exactness(False, (
+                    f"{str(b.dtype).removeprefix('torch.')} attention runs through SDPA here, "
+                    "whose verify and plain steps round differently (`hasten check` measures "
+                    "whether the exact attention path would be exact on this machine)"))
+            else:
+                self._exactness = cached_exactness(b, self.machine_key("exact-v2"),
+                                                   cache_root() / "exactness")
+        return self._exactness
 
     def stream(self, prompt: str | list[dict], max_new_tokens: int = 256, chat: bool | None = None,
                system: str | None = None, **options) -> Iterator[str]:
@@ -179,5 +212,22 @@ def load(model: str | None = None, device: str = "cpu", dtype: str | torch.dtype
     Hugging Face folder. `runtime`: "lean" (our Llama-family runtime), "hf" (the generic
     transformers adapter) or "auto" (lean when the architecture allows)."""
     loaded = load_backbone(model, device, dtype, runtime, progress)
-    return Model(loaded.backbone, loaded.tokenizer, loaded.name, loaded.max_positions,
-                 loaded.stop_ids, folder=loaded.folder)
+    result = Model(loaded.backbone, loaded.tokenizer, loaded.name, loaded.max_positions,
+                   loaded.stop_ids, folder=loaded.folder)
+    choose_attention(result)
+    return result
+
+
+def choose_attention(model: Model) -> None:
+    """Exact attention (`models.exact_attention`) where it makes speculative decoding exact.
+
+    bfloat16 and float16 always take it: measured bit-exact on every CPU tried (Intel Xeon with
+    AMX, AMD EPYC), and it is what makes trees worth it there. float32 takes it only where
+    `hasten check` found it exact on this machine: with MKL, rows of a float32 matmul depend on
+    how many rows share the call, so it is usually not exact, and SDPA is faster."""
+    b = model.backbone
+    if not hasattr(b, "exact") or b.dtype != torch.float32:
+        return  # the generic adapter has one attention path; half precision is exact already
+    b.exact = True
+    checked = read_cached(cache_root() / "exactness" / f"{model.machine_key('exact-v2')}.json")
+    b.exact = bool(checked and checked.exact)

@@ -29,7 +29,7 @@ def ours(model: Model, drafter, max_new_tokens: int, stop: bool, tree_size: int 
             prompt, max_new_tokens, draft=drafter, tree_size=tree_size, ignore_eos=not stop)))
         stats = model.last_stats
         return tokens, seconds, {"steps": stats.steps, "ttft": stats.time_to_first_token,
-                                 "accepted": list(stats.accepted)}
+                                 "accepted": list(stats.accepted), "exact": stats.exact}
     return run
 
 

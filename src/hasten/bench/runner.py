@@ -37,6 +37,7 @@ class MethodResult:
     ttft: list[float | None] = field(default_factory=list)  # seconds to first token, likewise
     accepted: list[int] = field(default_factory=list)  # tokens gained per step, all prompts
     failure: str | None = None  # why the method stopped running (crash, timeout, unavailable)
+    exact: bool | None = None  # speculative methods: bit-exact with plain decoding here
 
     def add(self, tokens: list[int], seconds: float, info: dict) -> None:
         self.tokens.append(list(tokens))
@@ -44,6 +45,8 @@ class MethodResult:
         self.steps.append(info.get("steps"))
         self.ttft.append(info.get("ttft"))
         self.accepted.extend(info.get("accepted", []))
+        if info.get("exact") is not None:
+            self.exact = info["exact"]
 
     @property
     def mean_accepted(self) -> float | None:
@@ -123,6 +126,7 @@ def summarize(results: dict[str, MethodResult], baseline: str,
             "median_time_to_first_token_s": (statistics.median(r.ttft) if r.ttft and None not in r.ttft
                                              else None),
             "accepted_histogram": {n: r.accepted.count(n) for n in sorted(set(r.accepted))},
+            "exact": r.exact,
         }
         if groups:
             out[name]["by_category"] = {
@@ -158,9 +162,26 @@ def category_groups(categories: list[str | None]) -> dict[str, list[int]]:
 def machine_info() -> dict:
     import os
     return {"python": sys.version.split()[0], "torch": torch.__version__,
-            "platform": platform.platform(), "processor": cpu_name(), "cpus": os.cpu_count(),
+            "platform": platform.platform(), "processor": cpu_name(), "cpu_flags": cpu_flags(),
+            "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+               "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU features that decide which kernels run (AVX-512, BF16, AMX), as Linux lists them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in SPEED_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
 
 
 def cpu_name() -> str:
@@ -189,7 +210,8 @@ def markdown_table(summary: dict[str, dict], baseline: str) -> str:
         acc = s.get("mean_accepted_per_step")
         row = (f"| {name} | {s['median_tokens_per_second']:.1f} | {sp['median']:.2f}x "
                f"({sp['min']:.2f}-{sp['max']:.2f}) | {'-' if acc is None else f'{acc:.2f}'} | "
-               f"{s['mismatches_vs_' + baseline]}/{s['prompts']} |")
+               f"{s['mismatches_vs_' + baseline]}/{s['prompts']}"
+               f"{' (not exact here)' if s.get('exact') is False else ''} |")
         if memory:
             row += f" {_memory_cell(s)} |"
         if cuda:

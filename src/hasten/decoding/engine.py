@@ -66,7 +66,8 @@ def generate_speculative(backbone: Backbone, drafter: Drafter | None, prompt: li
         raise ValueError(f"tree_size must be >= 0, got {tree_size}")
     max_size = 0 if drafter is None else MAX_TREE_SIZE if tree_size is None else tree_size
     start = time.perf_counter()
-    capacity = cache_capacity(len(prompt), max_new_tokens, max_size + 1, max_positions)
+    # Slack: the root, the tree, and one slot for the copy row of a padded plain step.
+    capacity = cache_capacity(len(prompt), max_new_tokens, max_size + 2, max_positions)
     backbone.reset(1, capacity)
     out = backbone.forward(torch.tensor([prompt], device=backbone.device), last_only=True)
     backbone.commit()

@@ -19,6 +19,7 @@ class GenerationStats:
     verify_time: float = 0.0
     accept_time: float = 0.0
     finish_reason: str = ""  # "stop" (EOS), "length" (max_new_tokens) or "context" (cache full)
+    exact: bool | None = None  # speculative: output bit-identical to plain decoding here (measured)
 
     @property
     def tokens_per_second(self) -> float:
@@ -51,6 +52,7 @@ class GenerationStats:
             "accepted_histogram": self.accepted_histogram(),
             "draft_time_s": round(self.draft_time, 4), "verify_time_s": round(self.verify_time, 4),
             "accept_time_s": round(self.accept_time, 4), "finish_reason": self.finish_reason,
+            "exact": self.exact,
         }
 
 

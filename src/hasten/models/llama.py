@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import ContextFullError, ModelSourceError
 from .backbone import StepOutput, check_step
 from .config import LlamaConfig
+from .exact_attention import KeyPlan, exact_attention, plan_keys
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> tuple[torch.Tensor, float]:
@@ -102,7 +103,7 @@ class Block(nn.Module):
         self.w_down = Dense(cfg.intermediate_size, cfg.hidden_size)
         self.split = (q, kv, kv)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start: int, mask):
+    def forward(self, x, cos, sin, k_cache, v_cache, start: int, mask, plan: KeyPlan | None = None):
         b, t, _ = x.shape
         q, k, v = self.wqkv(self.attn_norm(x)).split(self.split, dim=-1)
         q = q.view(b, t, self.n_heads, self.hd).transpose(1, 2)
@@ -113,9 +114,13 @@ class Block(nn.Module):
         end = start + t
         k_cache[:, :, start:end] = k
         v_cache[:, :, start:end] = v
-        attn = F.scaled_dot_product_attention(
-            q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask,
-            is_causal=mask is None and start == 0 and t > 1, enable_gqa=self.n_kv != self.n_heads)
+        if plan is not None:  # decode and verify steps: the same numbers for the same token
+            attn = exact_attention(q, k_cache, v_cache, plan, self.hd ** -0.5)
+        else:
+            attn = F.scaled_dot_product_attention(
+                q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask,
+                is_causal=mask is None and start == 0 and t > 1,
+                enable_gqa=self.n_kv != self.n_heads)
         x = x + self.wo(attn.transpose(1, 2).reshape(b, t, -1))
         gate, up = self.w_gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.w_down(F.silu(gate) * up)
@@ -138,6 +143,10 @@ class LlamaModel(nn.Module):
         self.length = 0
         self._pending = 0
         self._k = self._v = None
+        # Decode and verify steps through `exact_attention`, so a token's logits and K/V do not
+        # depend on whether it was decoded alone or verified in a tree. False: SDPA throughout.
+        # `build_llama` turns it on for bfloat16 / float16 (see `hasten.api.choose_attention`).
+        self.exact = False
 
     @property
     def device(self) -> torch.device:
@@ -237,6 +246,8 @@ class LlamaModel(nn.Module):
         b, t = input_ids.shape
         start = self.length
         check_step(start, t, self.capacity, b, self._k.shape[1])
+        if self.exact and b == 1 and start > 0 and t == 1 and start + 2 <= self.capacity:
+            return self._padded_step(input_ids, positions, last_only)
         if positions is None:
             positions = torch.arange(start, start + t, device=self.device).expand(b, t)
         elif positions.device.type == "cpu":  # checked where it costs no device sync
@@ -245,17 +256,38 @@ class LlamaModel(nn.Module):
                                        f"({self.capacity}); reset with a larger capacity")
             positions = positions.to(self.device)
         cos, sin = self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)
-        if mask is None and start > 0 and t > 1:
+        plan = None
+        if self.exact and b == 1 and start > 0:  # prefill stays on SDPA: both runs share it
+            plan = plan_keys(None if mask is None else mask[0], start, t, self.device)
+        elif mask is None and start > 0 and t > 1:
             mask = causal_mask(start, t, self.device).expand(b, t, start + t)
         if mask is not None:
             mask = mask.unsqueeze(1)  # one mask for all heads
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, self._k[i], self._v[i], start, mask)
+            x = block(x, cos, sin, self._k[i], self._v[i], start, mask, plan)
         hidden = self.norm(x)
         logits = self.lm_head(hidden[:, -1:] if last_only else hidden)
         self._pending = t
         return StepOutput(logits=logits, hidden=hidden)
+
+
+    def _padded_step(self, input_ids: torch.Tensor, positions: torch.Tensor | None,
+                     last_only: bool) -> StepOutput:
+        """A one-token step computed as two identical rows, the second thrown away.
+
+        A one-row matmul runs another kernel (gemv) than two or more rows, and its rows round
+        differently (measured: float32 with MKL on Intel, bfloat16 on AMD EPYC, for some
+        inputs). Verify steps always have two or more rows, so plain steps get two as well;
+        the copy attends only to itself and its K/V slot is never committed."""
+        start = self.length
+        pos = torch.full((1, 2), start, dtype=torch.long) if positions is None else positions.cpu().repeat(1, 2)
+        mask = torch.ones(1, 2, start + 2, dtype=torch.bool)
+        mask[0, 0, start + 1] = mask[0, 1, start] = False
+        out = self.forward(input_ids.repeat(1, 2), pos, mask, last_only=False)
+        self._pending = 1
+        hidden = out.hidden[:, :1]
+        return StepOutput(logits=out.logits[:, :1], hidden=hidden)
 
 
 def causal_mask(past: int, t: int, device=None) -> torch.Tensor:
@@ -270,4 +302,5 @@ def build_llama(cfg: LlamaConfig, weights: dict[str, torch.Tensor], dtype=torch.
     with torch.device("meta"):
         model = LlamaModel(cfg)
     model.load_hf_state_dict(weights, dtype, device)
+    model.exact = dtype in (torch.bfloat16, torch.float16)
     return model.eval().requires_grad_(False)

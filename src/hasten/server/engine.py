@@ -99,7 +99,7 @@ class Outcome:
     def hasten_stats(self) -> dict:
         """The speculative statistics returned with every answer."""
         s = self.stats
-        return {"draft": self.draft, "steps": s.steps,
+        return {"draft": self.draft, "exact": s.exact, "steps": s.steps,
                 "mean_accepted_tokens_per_step": round(s.mean_accepted, 3),
                 "accepted_histogram": {str(k): v for k, v in s.accepted_histogram().items()},
                 "tokens_per_second": round(s.tokens_per_second, 2),
