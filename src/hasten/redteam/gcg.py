@@ -30,7 +30,7 @@ def token_gradient(scorer, prefix, suffix: list[int], layout: Layout):
     one_hot = torch.zeros(len(suffix), scorer.vocab_size, device=dev, dtype=scorer.dtype)
     one_hot[torch.arange(len(suffix)), torch.tensor(suffix, device=dev)] = 1
     one_hot.requires_grad_(True)
-    rest = torch.tensor([layout.after + layout.target], device=dev)
+    rest = torch.tensor([layout.after + layout.target[:-1]], device=dev)
     with torch.enable_grad():
         embeds = torch.cat([scorer.embed_one_hot(one_hot)[None], scorer.embed(rest)], dim=1)
         hidden = scorer.hidden(prefix, embeds)

@@ -54,13 +54,13 @@ class Scored:
 
 
 def _rows(suffixes: list[list[int]], after: list[int], target: list[int], device):
-    """Right-padded rows `suffix + after + target` and the index of each row's first
-    target-predicting position."""
+    """Right-padded rows `suffix + after + target[:-1]` and the index of each row's first
+    target-predicting position. (The last target token predicts nothing we score.)"""
     lengths = [len(s) for s in suffixes]
-    width = max(lengths) + len(after) + len(target)
+    width = max(lengths) + len(after) + len(target) - 1
     rows = torch.zeros(len(suffixes), width, dtype=torch.long, device=device)
     for i, s in enumerate(suffixes):
-        row = s + after + target
+        row = s + after + target[:-1]
         rows[i, :len(row)] = torch.tensor(row, device=device)
     # position j predicts token j + 1: the first target token is predicted at len(s)+len(after)-1
     first = torch.tensor(lengths, device=device) + len(after) - 1
