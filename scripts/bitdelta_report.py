@@ -49,9 +49,9 @@ def quality(args) -> None:
         t = time.perf_counter()
         reference = evaluate.greedy_continuations(ft, prompts, args.tokens)
         models = {"base": base, "fine-tune": ft,
-                  "bitdelta (mean|delta| scales)": build_llama(
+                  "bitdelta, scales = mean abs delta": build_llama(
                       base.config, bd.merged_state_dict(base_sd, delta, initial=True)),
-                  "bitdelta (distilled scales)": build_llama(
+                  "bitdelta, distilled scales": build_llama(
                       base.config, bd.merged_state_dict(base_sd, delta))}
         for name, model in models.items():
             row = {"finetune": domain, "model": name,
