@@ -284,6 +284,15 @@ BAD = [  # (path, body: dict, or raw bytes, status, param or None)
     ("chat", {"messages": HI, "draft": "nonsense"}, 400, "draft"),
     ("chat", {"messages": HI, "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("chat", {"messages": HI, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("chat", b'{"messages":' + b"[" * 10000 + b"]" * 10000 + b"}", 400, None),  # D1
+    ("chat", {"messages": [{"role": ["user"], "content": "hi"}]}, 400, "messages.[0].role"),  # D2
+    ("chat", {"messages": [{"role": {"a": 1}, "content": "hi"}]}, 400, "messages.[0].role"),
+    ("chat", {"messages": HI, "draft": "rest"}, 400, "draft"),  # no datastore on this server
+    ("chat", {"messages": HI, "draft": "rest", "stream": True}, 400, "draft"),  # D9: before the stream
+    ("chat", {"messages": HI, "frequency_penalty": "x"}, 400, "frequency_penalty"),
+    ("chat", {"messages": HI, "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("chat", {"messages": HI, "logit_bias": {"5": 100}}, 400, "logit_bias"),
+    ("completions", {"prompt": "a", "best_of": 3}, 400, "best_of"),
     ("completions", {"prompt": 12}, 400, "prompt"),
     ("completions", {"prompt": [5, 10 ** 6]}, 400, "prompt"),
     ("completions", {"prompt": ["a", "b"]}, 400, "prompt"),
@@ -344,3 +353,21 @@ def test_api_key(model):
         assert httpx.get(f"{s.url}/health").status_code == 200  # liveness needs no key
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("extra", [{"temperature": 1e-40}, {"temperature": 1.0, "top_p": 1e-46},
+                                   {"frequency_penalty": 0, "logit_bias": {}}])
+def test_extreme_but_valid_settings_are_served(model, client, extra):  # D3, D4, harmless fields
+    r = client.chat.completions.create(model="tiny", messages=HI, max_tokens=8, seed=1,
+                                       extra_body=extra)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_control_characters_in_the_path_are_escaped_in_the_log(model, capfd):  # D7
+    s = Server(create_app(model, log=True))
+    try:
+        httpx.get(f"{s.url}/v1/x%0Aforged%00line")
+    finally:
+        s.stop()
+    err = capfd.readouterr().err
+    assert "/v1/x\\nforged\\x00line" in err and "\nforged" not in err

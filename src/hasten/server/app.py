@@ -70,9 +70,14 @@ class Gate:
         finally:
             if self.log:
                 client = scope.get("client") or ("-", 0)
-                print(f"hasten serve: {client[0]} \"{scope['method']} {scope['path']}\" "
+                print(f"hasten serve: {client[0]} \"{scope['method']} {printable(scope['path'])}\" "
                       f"{status[0] or 500} {time.perf_counter() - start:.3f}s "
                       f"{state.get('hasten_log', '')}".rstrip(), file=sys.stderr, flush=True)
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped: a request path cannot forge log lines."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def describe(outcome: Outcome | None, prompt_tokens: int) -> str:
@@ -90,7 +95,9 @@ def generation_error(e: Exception) -> APIError:
         return e
     if isinstance(e, HastenError):
         return APIError(400, str(e))
-    return APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")
+    print(f"hasten serve: generation failed: {printable(f'{type(e).__name__}: {e}')}",
+          file=sys.stderr, flush=True)
+    return APIError(500, "generation failed; the server log has the details", type="server_error")
 
 
 async def read_json(request: Request) -> dict:
@@ -99,6 +106,8 @@ async def read_json(request: Request) -> dict:
         raise APIError(400, "the request body is empty; send a JSON object")
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise APIError(400, "the request body nests too deeply", code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"malformed JSON in the request body: {e}", code="invalid_json") from None
     if not isinstance(body, dict):
@@ -140,8 +149,10 @@ def create_app(model, api_key: str | None = None, draft: DraftSpec = DraftSpec()
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, e: Exception):
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"),
-                            status_code=500)
+        # The details go to the log, not to the client.
+        request.state.hasten_log = f"internal error: {printable(f'{type(e).__name__}: {e}')}"
+        return JSONResponse(error_body("internal error; the server log has the details",
+                                       "server_error"), status_code=500)
 
     def card() -> dict:
         return {"id": model.name, "object": "model", "created": started, "owned_by": "hasten",

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from ..drafters import DRAFTERS as DRAFT_NAMES
 MAX_STOP_SEQUENCES = 16
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# OpenAI fields that change the output in ways we do not implement: accepted only at the value
+# that changes nothing, refused with a 400 naming them otherwise (never silently ignored).
+NEUTRAL_DEFAULTS = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "best_of": 1,
+                    "suffix": "", "top_logprobs": 0}
 
 
 class APIError(Exception):
@@ -100,7 +104,7 @@ def get_messages(body: dict) -> list[dict]:
         if not isinstance(m, dict):
             raise _wrong_type(where, "an object", m)
         role = m.get("role")
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:
             raise APIError(400, f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
                            param=f"{where}.role", code="invalid_value")
         content = m.get("content")
@@ -162,6 +166,11 @@ def get_options(body: dict, chat: bool, max_positions: int) -> Options:
         if body.get(unsupported):
             raise APIError(400, f"'{unsupported}' (tool calling) is not supported",
                            param=unsupported, code="unsupported_parameter")
+    for name, harmless in NEUTRAL_DEFAULTS.items():  # fields we cannot honour unless neutral
+        value = body.get(name)
+        if value is not None and value != harmless:
+            raise APIError(400, f"'{name}' is not supported (only {harmless!r}); remove it",
+                           param=name, code="unsupported_parameter")
     response_format = body.get("response_format")
     if response_format is not None and response_format != {"type": "text"}:
         raise APIError(400, "only 'response_format': {\"type\": \"text\"} is supported",
