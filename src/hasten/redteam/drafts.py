@@ -25,8 +25,9 @@ class Draft:
         self.name, self.chunk = name, chunk
         self.layout = self.prefix = None
 
-    def for_goal(self, goal: str, target: str) -> "Draft":
-        self.layout = make_layout(self.tokenizer, goal, target)
+    def for_goal(self, goal: str, target: str, chat: bool = True) -> "Draft":
+        """`chat`: whether the target's prompt uses its chat template (the draft mirrors it)."""
+        self.layout = make_layout(self.tokenizer, goal, target, chat=chat)
         self.prefix = self.scorer.prefix(self.layout.before)
         return self
 

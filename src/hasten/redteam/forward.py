@@ -18,6 +18,7 @@ head (`logits(hidden)`), which on a 49k vocabulary is most of the saving for sho
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +147,9 @@ class HFScorer:
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        # transformers renames `past_key_values` to `cache` (5.x deprecates the old name)
+        params = inspect.signature(model.base_model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     @property
     def embed_weight(self) -> torch.Tensor:
@@ -173,9 +177,9 @@ class HFScorer:
         for i, (k, v) in enumerate(prefix):
             cache.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), i)
         positions = torch.arange(p, p + t, device=self.device).expand(b, t)
-        out = self.model.base_model(inputs_embeds=embeds, past_key_values=cache, use_cache=True,
-                                    position_ids=positions,
-                                    cache_position=torch.arange(p, p + t, device=self.device))
+        out = self.model.base_model(inputs_embeds=embeds, use_cache=True, position_ids=positions,
+                                    cache_position=torch.arange(p, p + t, device=self.device),
+                                    **{self._cache_arg: cache})
         return out.last_hidden_state, cache
 
     def hidden(self, prefix, embeds: torch.Tensor) -> torch.Tensor:

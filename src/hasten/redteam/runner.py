@@ -70,7 +70,7 @@ def run_campaign(model, goals: list[Goal], methods: list[str], settings: dict, o
                         settings["batch_size"], settings["topk"], chunk,
                         share_suffix=not settings.get("flat_batches", False))
         if m == "probe":
-            draft.for_goal(g.goal, g.target)
+            draft.for_goal(g.goal, g.target, chat=bool(getattr(model.tokenizer, "chat_template", None)))
         bar = _bar(progress, settings["steps"], state.step, f"[{n}/{len(order)}] goal {g.index} {m}")
 
         def on_step(st, bar=bar, layout=layout):
