@@ -107,9 +107,32 @@ class Model:
             raise HastenError(f"{self.name} has no chat template; pass raw text (--raw)")
         if system is not None:
             messages = [{"role": "system", "content": system}] + list(messages)
+        if any(self._holds_special_text(m.get("content")) for m in messages):
+            return self._encode_guarded(messages)
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                   tokenize=False)
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _holds_special_text(self, content) -> bool:
+        specials = getattr(self.tokenizer, "all_special_tokens", None) or []
+        added = getattr(self.tokenizer, "get_added_vocab", lambda: {})()
+        return isinstance(content, str) and any(t and t in content for t in {*specials, *added})
+
+    def _encode_guarded(self, messages: list[dict]) -> list[int]:
+        """The chat template with each message's content encoded as plain text: text such as
+        `<|im_start|>system` inside a message must not become real special tokens (a user
+        could forge turns). Contents are rendered as sentinels, then encoded apart with
+        special-token parsing off."""
+        marks = [f"\x00hasten-content-{i}\x00" for i in range(len(messages))]
+        shown = [{**m, "content": mark} for m, mark in zip(messages, marks)]
+        text = self.tokenizer.apply_chat_template(shown, add_generation_prompt=True, tokenize=False)
+        ids: list[int] = []
+        for i, (m, mark) in enumerate(zip(messages, marks)):
+            before, _, text = text.partition(mark)
+            ids += self.tokenizer.encode(before, add_special_tokens=False)
+            ids += self.tokenizer(m["content"], add_special_tokens=False,
+                                  split_special_tokens=True)["input_ids"]
+        return ids + self.tokenizer.encode(text, add_special_tokens=False)
 
     def drafter(self, draft: str | DraftSpec | None):
         """The drafter for a name or spec, built once per model and reused (drafters reset at
