@@ -9,7 +9,8 @@ quality: per fine-tune, domain perplexity (held-out windows) and teacher-forced 
 with the fine-tune (its greedy continuations of held-out prompts) for the base, the fine-tune,
 BitDelta with mean |delta| scales and BitDelta with distilled scales (merged weights).
 memory: each configuration in a fresh process (VmRSS after loading, VmHWM = peak): one base +
-N delta tenants in one model, versus N merged full models.
+N delta tenants in one model, versus N full fine-tune folders loaded as N models (--finetune
+FOLDER, cycled). N separate servers would hold N x the one-model process instead.
 """
 
 from __future__ import annotations
@@ -82,29 +83,32 @@ def memory_child(spec: dict) -> dict:
         model = bd.delta_backbone(base.backbone, deltas)
         models = [model]
         set_route(model, [0])
-    else:  # merged: one full model per delta, the base dropped
-        models = [with_delta(base, d, merged=True).backbone for d in deltas]
+    else:  # full copies: each fine-tune's own Hugging Face folder, as separate models
         del base
+        models = [load(folder).backbone for folder in spec["finetunes"]]
     import gc
     gc.collect()
     for m in models:  # touch every model once
         m.reset(1, 64)
         m(ids)
     now, peak = rss_mb()
-    return {"kind": spec["kind"], "tenants": len(deltas), "rss_mb": round(now), "peak_mb": round(peak)}
+    return {"kind": spec["kind"], "tenants": len(spec["finetunes"]), "rss_mb": round(now),
+            "peak_mb": round(peak)}
 
 
 def memory(args) -> None:
     results = []
     for n in args.tenants:
         deltas = [args.delta[i % len(args.delta)] for i in range(n)]
+        finetunes = [args.finetune[i % len(args.finetune)] for i in range(n)]
         for kind in ("tenants", "merged"):
-            spec = json.dumps({"base": args.base, "deltas": deltas, "kind": kind})
+            spec = json.dumps({"base": args.base, "deltas": deltas if kind == "tenants" else [],
+                               "finetunes": finetunes, "kind": kind})
             out = subprocess.run([sys.executable, __file__, "memory-child"], input=spec,
                                  capture_output=True, text=True, check=True)
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(json.dumps(results[-1]), flush=True)
-    print("\n| tenants | one base + N deltas: RSS / peak MB | N merged models: RSS / peak MB |")
+    print("\n| tenants | one base + N deltas: RSS / peak MB | N full models: RSS / peak MB |")
     print("|---|---|---|")
     for n in args.tenants:
         t = next(r for r in results if r["tenants"] == n and r["kind"] == "tenants")
