@@ -13,7 +13,7 @@ import transformers
 from hasten.bitdelta import delta as bd
 from hasten.bitdelta import distill as distill_mod
 from hasten.bitdelta.pack import pack_signs, sign_matmul, unpack_signs
-from hasten.bitdelta.runtime import block_linear_names, forward_logits, hf_state_dict, set_route
+from hasten.bitdelta.runtime import block_linear_names, hf_state_dict, set_route
 from hasten.errors import HastenError
 from hasten.models.llama import build_llama
 

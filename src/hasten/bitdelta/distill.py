@@ -19,7 +19,6 @@ windows before and after, and stored in bitdelta.json.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
