@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -449,6 +450,23 @@ def test_with_delta_gives_a_model_of_base_plus_delta(pair, tmp_path):
     assert aware.generate_ids(x[0].tolist(), 5, ignore_eos=True) is not None
     assert list(aware.generate_ids(x[0].tolist(), 6, ignore_eos=True)) == \
         list(merged.generate_ids(x[0].tolist(), 6, ignore_eos=True))
+    from hasten.commands.bitdelta import apply_delta
+    assert apply_delta(model, argparse.Namespace(delta=None)) is model
+    via_args = apply_delta(model, argparse.Namespace(delta=str(path), delta_merged=False))
+    assert torch.equal(via_args.backbone(x).logits, aware.backbone(x).logits)
     other = save_folder(tmp_path / "other", base_weights(seed=3)[0], config)
     with pytest.raises(bd.DeltaError, match="another base"):
         with_delta(load(str(other)), path)
+
+
+def test_delta_arguments_for_generate_and_serve():
+    from hasten.commands.bitdelta import add_delta_args, parse_tenants
+
+    p = argparse.ArgumentParser()
+    add_delta_args(p, serve=True)
+    args = p.parse_args(["--delta", "code=/d/code", "--delta", "math=/d/math"])
+    assert parse_tenants(args.delta) == {"code": Path("/d/code"), "math": Path("/d/math")}
+    with pytest.raises(HastenError, match="NAME=PATH"):
+        parse_tenants(["/d/code"])
+    with pytest.raises(HastenError, match="twice"):
+        parse_tenants(["a=/x", "a=/y"])

@@ -29,8 +29,8 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import HastenError
-from . import data
 from ..models.sources import load_weights
+from . import data
 from .delta import check_base, load, model_folder, save, weights_fingerprint
 from .evaluate import logit_terms
 from .finetune import load_llama

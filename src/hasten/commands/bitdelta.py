@@ -51,6 +51,44 @@ def register(subparsers) -> None:
     i.set_defaults(run=run_info)
 
 
+# ---- for `hasten generate --delta` and `hasten serve --delta NAME=PATH` ------------------
+
+def add_delta_args(p, serve: bool = False) -> None:
+    """--delta (one PATH for generate; repeatable NAME=PATH for serve) and --delta-merged."""
+    if serve:
+        p.add_argument("--delta", action="append", default=[], metavar="NAME=PATH",
+                       help="serve the fine-tune in delta folder PATH as model NAME on the same "
+                            "base (repeatable; made by `hasten bitdelta compress`)")
+    else:
+        p.add_argument("--delta", default=None, metavar="PATH",
+                       help="run the base model plus this BitDelta folder (made by `hasten "
+                            "bitdelta compress` from a fine-tune of --model)")
+    p.add_argument("--delta-merged", action="store_true",
+                   help="merge the delta into a copy of the weights (base speed, a full copy "
+                        "of memory) instead of adding packed-bit matmuls to the shared base")
+
+
+def parse_tenants(values: list[str]) -> dict[str, Path]:
+    """NAME=PATH strings -> {name: path}, with errors that say what is wrong."""
+    tenants: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise HastenError(f"--delta {value!r}: expected NAME=PATH, e.g. --delta code=./delta-code")
+        if name in tenants:
+            raise HastenError(f"--delta: the name {name!r} is given twice")
+        tenants[name] = Path(path)
+    return tenants
+
+
+def apply_delta(model, args):
+    """`model` itself without --delta, else base + delta (`hasten.bitdelta.model.with_delta`)."""
+    if not getattr(args, "delta", None):
+        return model
+    from ..bitdelta.model import with_delta
+    return with_delta(model, args.delta, merged=args.delta_merged)
+
+
 def log(msg: str) -> None:
     print(f"hasten bitdelta: {msg}", file=sys.stderr, flush=True)
 
