@@ -13,8 +13,8 @@ The student's weights are W_base + alpha * S, formed per step (S unpacked once, 
 matmul per layer and the gradient reaches alpha through autograd. The teacher (the fine-tune)
 runs alongside without gradients. Progress is checkpointed into the delta folder
 (`distill-state.pt`: step, multipliers, optimizer) every few steps; running again with the
-same settings (the step count may differ) resumes there. Logit MSE and KL(fine-tune || compressed) are measured on held-out
-windows before and after, and stored in bitdelta.json.
+same settings (the step count may differ) resumes there. Logit MSE and KL(fine-tune ||
+compressed) are measured on held-out windows before and after, and stored in bitdelta.json.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def _distance(student: Student, teacher, windows: torch.Tensor, batch: int = 2):
     for i in range(0, len(windows), batch):
         m, k = logit_terms(student.logits(windows[i:i + batch]),
                            forward_logits(teacher, windows[i:i + batch]))
-        mse, kl = mse + m.item() * len(windows[i:i + batch]), kl + k.item() * len(windows[i:i + batch])
+        n = len(windows[i:i + batch])
+        mse, kl = mse + m.item() * n, kl + k.item() * n
     return mse / len(windows), kl / len(windows)
 
 

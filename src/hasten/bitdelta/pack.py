@@ -9,11 +9,12 @@ bytes (the padding bits of the last byte are 0), so the packed tensor is uint8
 [out, ceil(in / 8)]. Rows stay rows, so fusing q/k/v or gate/up is a concatenation of packed
 tensors along dim 0.
 
-`sign_matmul(x, packed, in_features)` computes x @ S.T (S the +-1 matrix) without ever
-materialising S: each group of 8 inputs of x is multiplied once by all 256 sign patterns
-(a [.., G, 256] table of partial sums, G = in / 8), and each output sums, over the groups,
-the partial sum its byte selects (one `gather` per row of x). That reads one byte per 8 weights instead of a 16/32-bit
-number per weight; the arithmetic is exact up to float summation order.
+`sign_matmul(x, packed, in_features)` computes x @ S.T (S the +-1 matrix). For a few rows of
+x it never materialises S: each group of 8 inputs is multiplied once by all 256 sign patterns
+(a [256, G] table of partial sums per row, G = in / 8), and each output sums, over the
+groups, the partial sum its byte selects (one `gather` per row of x), reading one byte per 8
+weights. For more rows it unpacks blocks of S to +-1 and multiplies. Either way the result is
+exact up to float summation order.
 """
 
 from __future__ import annotations
