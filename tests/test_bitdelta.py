@@ -397,13 +397,9 @@ def test_distillation_checks_the_fine_tune(pair, tmp_path):
 # ---- commands end to end --------------------------------------------------------------------
 
 def run_cli(argv: list[str]) -> None:
-    from hasten.commands import bitdelta, finetune
+    from hasten.commands import build_parser
 
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command", required=True)
-    bitdelta.register(sub)
-    finetune.register(sub)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.run(args)
 
 
@@ -430,6 +426,13 @@ def test_commands_end_to_end(pair, tmp_path, capsys):
     assert "other tensors stored: none" in capsys.readouterr().out
     run_cli(["bitdelta", "info", str(out), "--json"])
     assert json.loads(capsys.readouterr().out)["distill"]["steps"] == 2
+    # hasten generate --delta: the fine-tune's text, from the base plus the delta
+    from hasten.api import load
+    from hasten.bitdelta.model import with_delta
+    prompt = "def f3(x):"
+    want = with_delta(load(str(base), progress=False), out).generate(prompt, 6, chat=False)
+    run_cli(["generate", "--model", str(base), "--delta", str(out), "--raw", "-n", "6", prompt])
+    assert capsys.readouterr().out == want + "\n"
     with pytest.raises(bd.DeltaError, match="another architecture"):
         small_sd, small_config = base_weights(num_layers=1)
         small = save_folder(tmp_path / "small", small_sd, small_config)

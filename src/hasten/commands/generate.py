@@ -7,6 +7,7 @@ import sys
 import time
 
 from ..errors import HastenError
+from .bitdelta import add_delta_args, apply_delta
 from .common import add_draft_args, add_model_args, draft_spec, load_model, read_prompt
 
 
@@ -24,6 +25,7 @@ def register(sub) -> None:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None, help="seed for sampling")
     add_draft_args(g)
+    add_delta_args(g)
     g.add_argument("--stats", action="store_true", help="print a statistics summary to stderr")
     g.add_argument("--stats-json", action="store_true", help="print statistics as JSON to stderr")
     g.set_defaults(run=run)
@@ -35,7 +37,7 @@ def run(args) -> None:
     spec = draft_spec(args)
     prompt = read_prompt(args.prompt)
     t0 = time.perf_counter()
-    model = load_model(args)
+    model = apply_delta(load_model(args), args)  # a fine-tune as base + 1-bit delta, if asked
     drafter = model.drafter(spec)
     load_s = time.perf_counter() - t0
     for piece in model.stream(prompt, max_new_tokens=args.max_new_tokens, chat=False if args.raw else None,
