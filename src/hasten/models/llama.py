@@ -103,14 +103,26 @@ class Block(nn.Module):
         self.w_down = Dense(cfg.intermediate_size, cfg.hidden_size)
         self.split = (q, kv, kv)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start: int, mask, plan: KeyPlan | None = None):
+    def qkv(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries, keys and values [b, heads, t, head_dim] of the normed input."""
         b, t, _ = x.shape
         q, k, v = self.wqkv(self.attn_norm(x)).split(self.split, dim=-1)
         q = q.view(b, t, self.n_heads, self.hd).transpose(1, 2)
         k = k.view(b, t, self.n_kv, self.hd).transpose(1, 2)
         v = v.view(b, t, self.n_kv, self.hd).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def mix(self, x, attn) -> torch.Tensor:
+        """The rest of the block after attention [b, heads, t, head_dim]: output projection,
+        residual, MLP, residual."""
+        b, t, _ = x.shape
+        x = x + self.wo(attn.transpose(1, 2).reshape(b, t, -1))
+        gate, up = self.w_gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.w_down(F.silu(gate) * up)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, start: int, mask, plan: KeyPlan | None = None):
+        t = x.shape[1]
+        q, k, v = self.qkv(x, cos, sin)
         end = start + t
         k_cache[:, :, start:end] = k
         v_cache[:, :, start:end] = v
@@ -121,9 +133,7 @@ class Block(nn.Module):
                 q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask,
                 is_causal=mask is None and start == 0 and t > 1,
                 enable_gqa=self.n_kv != self.n_heads)
-        x = x + self.wo(attn.transpose(1, 2).reshape(b, t, -1))
-        gate, up = self.w_gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
-        return x + self.w_down(F.silu(gate) * up)
+        return self.mix(x, attn)
 
 
 class LlamaModel(nn.Module):

@@ -23,7 +23,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from ..models.llama import LlamaModel, causal_mask, rope_inv_freq, rotate_half
+from ..models.llama import LlamaModel, causal_mask, rope_inv_freq
 
 
 class LeanScorer:
@@ -93,12 +93,7 @@ class LeanScorer:
                               causal_mask(0, t, self.device).expand(b, t, t)], dim=2)[:, None]
         kv = []
         for i, blk in enumerate(self.blocks):
-            q, k, v = blk.wqkv(blk.attn_norm(x)).split(blk.split, dim=-1)
-            q = q.view(b, t, blk.n_heads, blk.hd).transpose(1, 2)
-            k = k.view(b, t, blk.n_kv, blk.hd).transpose(1, 2)
-            v = v.view(b, t, blk.n_kv, blk.hd).transpose(1, 2)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            q, k, v = blk.qkv(x, cos, sin)
             kv.append((k, v))
             if past:
                 pk, pv = past[i]
@@ -106,9 +101,7 @@ class LeanScorer:
                 v = torch.cat([pv.expand(b, -1, -1, -1), v], dim=2)
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                   enable_gqa=blk.n_kv != blk.n_heads)
-            x = x + blk.wo(attn.transpose(1, 2).reshape(b, t, -1))
-            gate, up = blk.w_gate_up(blk.mlp_norm(x)).chunk(2, dim=-1)
-            x = x + blk.w_down(F.silu(gate) * up)
+            x = blk.mix(x, attn)
         return self.norm(x), kv
 
     def prefix(self, ids: list[int]):
