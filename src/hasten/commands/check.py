@@ -47,8 +47,11 @@ def run(args) -> None:
             b.exact = True  # measure the exact attention path, then keep it only if it is exact
             exact = model.exactness()
             b.exact = exact.exact or b.dtype != torch.float32
-            model._exactness = None  # re-read for the mode actually kept
-            exact = model.exactness()
+            if not b.exact:  # what generation will say, and why: the measured reason
+                model._exactness = exact = type(exact)(
+                    False, f"with exact attention {exact.why}; so float32 keeps SDPA, which "
+                           "is faster and not exact either", exact.nodes_checked,
+                    exact.nodes_differing)
             layer = b.blocks[0]
             entry["row_classes"] = {
                 name: row_classes(w) for name, w in (
