@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from hasten.decoding.budget import (AdaptiveTreeSize, CalibratedTreeSize, ProbeSchedule, CostCurve, best_size,
@@ -110,3 +111,62 @@ def test_calibrated_generation_still_matches_plain():
     got = list(generate_speculative(model, LookupDrafter(), prompt, 30, tree_size=8,
                                     sizer=CalibratedTreeSize(CPU_LIKE, EXPECTED, 8)))
     assert got == want
+
+
+class OracleDrafter:
+    """Proposes the true continuation (a chain of 4): every draft would be accepted."""
+    name, cheap = "oracle", True
+
+    def __init__(self, truth, cheap=True):
+        self.truth, self.cheap, self.proposed = truth, cheap, 0
+
+    def reset(self, prompt, capacity=None):
+        self.prompt_len = len(prompt)
+
+    def observe(self, accepted):
+        pass
+
+    def propose(self, context, size, hidden=None):
+        from hasten.decoding.tree import DraftTree
+        done = len(context) - self.prompt_len
+        self.proposed += 1
+        return DraftTree.from_sequences([self.truth[done:done + 4]]).truncated(size)
+
+
+NEVER_PAYS = CostCurve([0, 1, 64], [1.0, 50.0, 100.0])  # any draft costs far more than it gains
+
+
+def forward_widths(model):
+    widths = []
+    real = model.forward
+    model.forward = lambda ids, *a, **k: widths.append(ids.shape[1]) or real(ids, *a, **k)
+    return widths
+
+
+@pytest.mark.parametrize("cheap", [True, False])
+def test_probes_of_cheap_drafters_are_shadow_probes(cheap):
+    model, _ = tiny_pair()
+    prompt = [5, 6, 7, 8]
+    want = list(generate_plain(model, prompt, 60))
+    drafter = OracleDrafter(want, cheap=cheap)
+    sizer = AdaptiveTreeSize(NEVER_PAYS, 8, prior_rate=0.0)
+    widths = forward_widths(model)
+    got = list(generate_speculative(model, drafter, prompt, 60, sizer=sizer))
+    del model.forward
+    assert got == want and drafter.proposed >= 3  # probes happened
+    if cheap:  # never verified: every step after prefill fed one token, yet acceptance was seen
+        assert set(widths[1:]) == {1}
+        assert sizer.rate > 0.5  # the oracle's drafts would all have been accepted
+    else:  # a drafter that costs a forward to draft gets real, verified probes
+        assert max(widths[1:]) > 1
+
+
+def test_shadow_walk_counts_what_a_verify_would_accept():
+    from hasten.decoding.engine import ShadowWalk
+    from hasten.decoding.tree import DraftTree
+    tree = DraftTree.from_sequences([[1, 2, 3], [1, 4], [5]])
+    walk = ShadowWalk(tree)
+    assert not walk.feed([1]) and walk.accepted == 1
+    assert walk.feed([4, 9]) and walk.accepted == 2  # a leaf ends the walk
+    walk = ShadowWalk(tree)
+    assert walk.feed([7]) and walk.accepted == 0

@@ -114,10 +114,14 @@ class TreeSizer(Protocol):
     """Picks the draft tree size of the next step; told how each step went."""
 
     size: int
+    probe: ProbeSchedule
 
     def update(self, proposed_depth: int, accepted_drafts: int, proposed_size: int) -> int:
         """After a step whose tree was `proposed_depth` deep with `proposed_size` nodes and
         kept `accepted_drafts` drafts; returns the next size."""
+
+    def shadow(self, proposed_depth: int, accepted_drafts: int, proposed_size: int) -> None:
+        """How a drafted but unverified tree would have done (a shadow probe)."""
 
 
 class ProbeSchedule:
@@ -130,11 +134,20 @@ class ProbeSchedule:
         self.first, self.longest = first, longest
         self.wait, self.idle, self.probing = first, 0, False
 
+    def resolved(self, gained: bool) -> None:
+        """A probe's outcome: back to the first wait if it gained tokens, else wait longer."""
+        self.wait = self.first if gained else min(2 * self.wait, self.longest)
+        self.probing = False
+
+    def shadowed(self) -> None:
+        """The probe due now is a shadow probe (drafted, not verified): its outcome comes
+        later, through `resolved`, once the tokens it guessed have been decoded."""
+        self.probing = False
+
     def next(self, best: int, probe_size: int, accepted_drafts: int) -> int:
         """The size to use next, given the best size and what the last step kept."""
         if self.probing:  # the step just taken was a probe
-            self.wait = self.first if accepted_drafts else min(2 * self.wait, self.longest)
-            self.probing = False
+            self.resolved(accepted_drafts > 0)
         if best > 0:
             self.idle = 0
             return best
@@ -154,7 +167,9 @@ class AdaptiveTreeSize:
         self.probe = probe or ProbeSchedule()
         # Exponentially weighted counts of accepted drafts and of drafts judged.
         self.accepted, self.trials = prior_rate, 1.0
-        self.size = max(1, best_size(curve, prior_rate, max_size))
+        self.size = best_size(curve, prior_rate, max_size)
+        if self.size == 0:  # start with a probe: whether this text suits the drafter
+            self.size, self.probe.probing = min(1, max_size), True
 
     @property
     def rate(self) -> float:
@@ -169,6 +184,13 @@ class AdaptiveTreeSize:
         best = best_size(self.curve, self.rate, self.max_size)
         self.size = self.probe.next(best, min(1, self.max_size), accepted_drafts)
         return self.size
+
+    def shadow(self, proposed_depth: int, accepted_drafts: int, proposed_size: int) -> None:
+        """A shadow probe's outcome: counted like a verified step's, without being a step."""
+        trials = accepted_drafts + (1 if accepted_drafts < proposed_depth else 0)
+        self.accepted = self.memory * self.accepted + accepted_drafts
+        self.trials = self.memory * self.trials + trials
+        self.probe.resolved(accepted_drafts > 0)
 
 
 class CalibratedTreeSize:
@@ -214,3 +236,10 @@ class CalibratedTreeSize:
         self.size = self.probe.next(self.best(), min(self.probe_size, self.max_size),
                                     accepted_drafts)
         return self.size
+
+    def shadow(self, proposed_depth: int, accepted_drafts: int, proposed_size: int) -> None:
+        """A shadow probe's outcome: counted like a verified step's, without being a step."""
+        if proposed_size > 0:
+            self.got = self.memory * self.got + accepted_drafts
+            self.wanted = self.memory * self.wanted + self.expected[min(proposed_size, self.max_size)] - 1.0
+        self.probe.resolved(accepted_drafts > 0)

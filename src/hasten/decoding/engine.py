@@ -11,7 +11,9 @@
 
 The root is the newest token, not yet in the KV cache. A step whose tree is empty (no drafter,
 the drafter found nothing, or the tree size rule turned drafting off) runs exactly the plain
-step, so "drafting does not pay" costs what plain decoding costs.
+step, so "drafting does not pay" costs what plain decoding costs. While drafting is off, a
+cheap drafter's probes are shadow probes: drafted, not verified, and scored against the tokens
+plain decoding then produces.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def generate_speculative(backbone: Backbone, drafter: Drafter | None, prompt: li
     if drafter is not None:
         drafter.reset(list(prompt), capacity)
         drafter.observe([root])
+    shadow: ShadowWalk | None = None
     stats.new_tokens = 1
     stats.time_to_first_token = stats.total_time = time.perf_counter() - start
     yield root
@@ -93,6 +96,11 @@ def generate_speculative(backbone: Backbone, drafter: Drafter | None, prompt: li
         size = min(sizer.size if sizer else max_size, max_size, room)
         t0 = time.perf_counter()
         tree = drafter.propose(context, size, hidden).truncated(size) if size > 0 else None
+        if tree is not None and shadow is None and _shadow_probe(sizer, drafter):
+            # A probe while drafting is off: the drafter's guess is only compared with the
+            # tokens plain decoding produces next, never verified, so it costs no forward.
+            sizer.probe.shadowed()
+            shadow, tree = ShadowWalk(tree), None
         t1 = time.perf_counter()
         if tree is None or tree.size == 0:
             out = backbone.forward(torch.tensor([[root]], device=backbone.device))
@@ -119,6 +127,9 @@ def generate_speculative(backbone: Backbone, drafter: Drafter | None, prompt: li
         if drafter is not None:
             drafter.observe(new)
             context.extend(new)
+        if shadow is not None and shadow.feed(new):
+            sizer.shadow(shadow.tree.max_depth, shadow.accepted, shadow.tree.size)
+            shadow = None
         for token in new:
             stats.new_tokens += 1
             stats.total_time = time.perf_counter() - start
@@ -131,6 +142,32 @@ def generate_speculative(backbone: Backbone, drafter: Drafter | None, prompt: li
                 break
         root = bonus
     stats.total_time = time.perf_counter() - start
+
+
+def _shadow_probe(sizer: TreeSizer | None, drafter) -> bool:
+    return (sizer is not None and sizer.probe.probing and sizer.size > 0
+            and getattr(drafter, "cheap", False))
+
+
+class ShadowWalk:
+    """Follows a drafted tree along the tokens actually decoded after it: how many of its
+    drafts a verify would have accepted (exactly so for greedy decoding)."""
+
+    def __init__(self, tree: DraftTree):
+        self.tree, self.position, self.accepted = tree, 0, 0
+
+    def feed(self, tokens: list[int]) -> bool:
+        """Walk on with newly decoded tokens; True once the walk has ended."""
+        for token in tokens:
+            children = self.tree.children_at(self.position)
+            match = next((c for c in children if self.tree.token_list[c] == token), None)
+            if match is None:
+                return True
+            self.accepted += 1
+            self.position = match + 1
+            if not self.tree.children_at(self.position):
+                return True
+        return False
 
 
 def _accept(tree: DraftTree, logits: torch.Tensor, params: SamplingParams,

@@ -19,6 +19,7 @@ from ..decoding.tree import DraftTree
 
 class LookupDrafter:
     name = "lookup"
+    cheap = True  # proposing costs no forward of the model: probes can be shadow probes
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, max_matches: int = 4,
                  max_depth: int = 8):

@@ -41,6 +41,7 @@ from ..decoding.tree import DraftTree
 
 class RestDrafter:
     name = "rest"
+    cheap = True  # proposing costs no forward of the model: probes can be shadow probes
 
     def __init__(self, datastore: Datastore | str | os.PathLike, max_suffix: int = 16,
                  min_suffix: int = 1, max_occurrences: int = 64, depth: int = 12,

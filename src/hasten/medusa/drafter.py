@@ -40,6 +40,7 @@ class _Plan:
 
 class MedusaDrafter:
     name = "medusa"
+    cheap = True  # proposing costs no forward of the model: probes can be shadow probes
 
     def __init__(self, heads: MedusaHeads, choices=None, lm_head: torch.Tensor | None = None,
                  use_draft_vocab: bool = True, expected_lengths: list[float] | None = None):
