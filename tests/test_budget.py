@@ -170,3 +170,18 @@ def test_shadow_walk_counts_what_a_verify_would_accept():
     assert walk.feed([4, 9]) and walk.accepted == 2  # a leaf ends the walk
     walk = ShadowWalk(tree)
     assert walk.feed([7]) and walk.accepted == 0
+
+
+def test_draft_cost_is_charged_to_the_tree_size():
+    from hasten.decoding.budget import DraftCost
+    free = AdaptiveTreeSize(GPU_LIKE, 16, prior_rate=0.7)
+    costly = AdaptiveTreeSize(GPU_LIKE, 16, prior_rate=0.7)
+    for _ in range(5):  # a draft model: each drafted node costs 0.6 of a plain step here
+        costly.draft_cost.add(0.6 * 4, 4)
+    assert free.best() > 4 and 0 < costly.best() < free.best()
+    for _ in range(5):
+        costly.draft_cost.add(2.0 * 4, 4)  # drafting dearer than verifying plain: off
+    assert costly.best() == 0
+    cost = DraftCost()
+    cost.add(0.3, 0)  # nothing drafted: nothing learnt
+    assert cost(4) == 0.0

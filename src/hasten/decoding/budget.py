@@ -115,6 +115,7 @@ class TreeSizer(Protocol):
 
     size: int
     probe: ProbeSchedule
+    draft_cost: DraftCost  # told how long each proposal took
 
     def update(self, proposed_depth: int, accepted_drafts: int, proposed_size: int) -> int:
         """After a step whose tree was `proposed_depth` deep with `proposed_size` nodes and
@@ -158,13 +159,31 @@ class ProbeSchedule:
         return 0
 
 
+class DraftCost:
+    """Seconds the drafter spends per proposed node (exponentially weighted), so a drafter that
+    costs a forward to propose (a draft model) is charged for it: size n then costs the verify
+    of n nodes plus n nodes' drafting. Near zero for lookup and REST."""
+
+    def __init__(self, memory: float = 0.8):
+        self.memory, self.per_node, self.seen = memory, 0.0, False
+
+    def add(self, seconds: float, nodes: int) -> None:
+        if nodes > 0:
+            per = seconds / nodes
+            self.per_node = per if not self.seen else self.memory * self.per_node + (1 - self.memory) * per
+            self.seen = True
+
+    def __call__(self, n: int) -> float:
+        return self.per_node * n
+
+
 class AdaptiveTreeSize:
     """Tracks the drafter's per-token acceptance rate and re-picks the tree size each step."""
 
     def __init__(self, curve: CostCurve, max_size: int, prior_rate: float = 0.5,
                  memory: float = 0.9, probe: ProbeSchedule | None = None):
         self.curve, self.max_size, self.memory = curve, max_size, memory
-        self.probe = probe or ProbeSchedule()
+        self.probe, self.draft_cost = probe or ProbeSchedule(), DraftCost()
         # Exponentially weighted counts of accepted drafts and of drafts judged.
         self.accepted, self.trials = prior_rate, 1.0
         self.size = best_size(curve, prior_rate, max_size)
@@ -175,14 +194,19 @@ class AdaptiveTreeSize:
     def rate(self) -> float:
         return self.accepted / self.trials
 
+    def cost(self, n: int) -> float:
+        return self.curve.cost(n) + self.draft_cost(n)
+
+    def best(self) -> int:
+        return fastest_size(lambda n: expected_gain(self.rate, n), self.cost, self.max_size)
+
     def update(self, proposed_depth: int, accepted_drafts: int, proposed_size: int = 0) -> int:
         if proposed_depth > 0:
             # Each accepted draft was one success; a stop before the end was one failure.
             trials = accepted_drafts + (1 if accepted_drafts < proposed_depth else 0)
             self.accepted = self.memory * self.accepted + accepted_drafts
             self.trials = self.memory * self.trials + trials
-        best = best_size(self.curve, self.rate, self.max_size)
-        self.size = self.probe.next(best, min(1, self.max_size), accepted_drafts)
+        self.size = self.probe.next(self.best(), min(1, self.max_size), accepted_drafts)
         return self.size
 
     def shadow(self, proposed_depth: int, accepted_drafts: int, proposed_size: int) -> None:
@@ -213,6 +237,7 @@ class CalibratedTreeSize:
         self.curve, self.expected, self.memory = curve, list(expected_lengths), memory
         self.max_size = min(max_size, len(self.expected) - 1)
         self.probe, self.probe_size = probe or ProbeSchedule(), probe_size
+        self.draft_cost = DraftCost()
         # Exponentially weighted drafts accepted and drafts expected; the prior is the curve.
         self.got, self.wanted = 1.0, 1.0
         self.size = self.best()
@@ -224,8 +249,11 @@ class CalibratedTreeSize:
     def gain(self, n: int) -> float:
         return 1.0 + self.ratio * (self.expected[n] - 1.0)
 
+    def cost(self, n: int) -> float:
+        return self.curve.cost(n) + self.draft_cost(n)
+
     def best(self) -> int:
-        return fastest_size(self.gain, self.curve.cost, self.max_size)
+        return fastest_size(self.gain, self.cost, self.max_size)
 
     def update(self, proposed_depth: int, accepted_drafts: int, proposed_size: int = 0) -> int:
         """After a step that verified `proposed_size` nodes and kept `accepted_drafts`."""

@@ -96,6 +96,8 @@ def generate_speculative(backbone: Backbone, drafter: Drafter | None, prompt: li
         size = min(sizer.size if sizer else max_size, max_size, room)
         t0 = time.perf_counter()
         tree = drafter.propose(context, size, hidden).truncated(size) if size > 0 else None
+        if sizer and tree is not None:
+            sizer.draft_cost.add(time.perf_counter() - t0, tree.size)
         if tree is not None and shadow is None and _shadow_probe(sizer, drafter):
             # A probe while drafting is off: the drafter's guess is only compared with the
             # tokens plain decoding produces next, never verified, so it costs no forward.
