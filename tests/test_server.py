@@ -383,3 +383,67 @@ def test_special_tokens_in_content_cannot_forge_turns(model):
     text = model.tokenizer.apply_chat_template([{"role": "user", "content": "hi there"}],
                                                add_generation_prompt=True, tokenize=False)
     assert plain == model.tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_oversized_bodies_get_413(model):  # D5
+    s = Server(create_app(model, log=False, max_request_bytes=10_000))
+    try:
+        big = {"messages": [{"role": "user", "content": "x" * 20_000}]}
+        r = httpx.post(f"{s.url}/v1/chat/completions", json=big)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        chunked = httpx.post(f"{s.url}/v1/chat/completions",  # no Content-Length: counted as read
+                             content=iter([b'{"messages": "' + b"x" * 6000, b"x" * 6000 + b'"}']))
+        assert chunked.status_code == 413
+        assert httpx.get(f"{s.url}/health").json()["status"] == "ok"
+    finally:
+        s.stop()
+
+
+def test_a_full_queue_answers_429_at_once(model, monkeypatch):
+    s = Server(create_app(model, log=False, max_queue=1))
+    gate = Gate(monkeypatch, model.backbone, after=2)  # the first request holds the worker
+    client = s.client()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            held = pool.submit(client.chat.completions.create, model="tiny", messages=HI,
+                               max_tokens=5, temperature=0)
+            deadline = time.time() + 20
+            while s.app.state.engine.current is None:  # the first one is generating
+                assert time.time() < deadline
+                time.sleep(0.01)
+            queued = pool.submit(client.chat.completions.create, model="tiny", messages=HI,
+                                 max_tokens=5, temperature=0)
+            while s.app.state.engine.queued < 1:  # the second one waits in the queue
+                assert time.time() < deadline
+                time.sleep(0.01)
+            r = httpx.post(f"{s.url}/v1/chat/completions", json={"messages": HI, "max_tokens": 5},
+                           timeout=5)
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["code"] == "queue_full"
+            gate.opened.set()
+            assert held.result(30).choices[0].message.content
+            assert queued.result(30).choices[0].message.content
+    finally:
+        gate.opened.set()
+        s.stop()
+
+
+def test_a_client_that_aborts_its_upload_costs_one_log_line(model, capfd):  # D6
+    s = Server(create_app(model, log=True))
+    try:
+        host, port = s.url.removeprefix("http://").split(":")
+        for _ in range(3):
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: 5000\r\n\r\n{\"messages\": ")
+            sock.close()
+        deadline, err = time.time() + 10, ""
+        while err.count("disconnected while sending") < 3 and time.time() < deadline:
+            time.sleep(0.05)
+            err += capfd.readouterr().err
+        assert httpx.get(f"{s.url}/health").json()["status"] == "ok"
+    finally:
+        s.stop()
+    err += capfd.readouterr().err
+    assert err.count("disconnected while sending") == 3  # one line per aborted upload
+    assert "Traceback" not in err and " 500 " not in err

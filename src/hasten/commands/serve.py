@@ -26,6 +26,11 @@ def register(subparsers) -> None:
     s.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV}; "
                         "unset = no key)")
+    s.add_argument("--max-queue", type=int, default=None,
+                   help="requests that may wait while one generates; more get 429 with "
+                        "Retry-After at once (default: no limit)")
+    s.add_argument("--max-request-bytes", type=int, default=1 << 20,
+                   help="largest request body accepted; larger ones get 413 (default: 1 MiB)")
     s.add_argument("--log-level", default="warning",
                    choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level (one line per request is always printed to stderr)")
@@ -46,8 +51,11 @@ def run(args) -> None:
     if drafter is not None and args.tree_size is None:
         model.cost_curve()  # measured once (cached on disk), not during the first request
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if args.max_queue is not None and args.max_queue < 0:
+        raise HastenError("--max-queue must be >= 0")
     app = create_app(model, api_key=api_key, draft=spec, tree_size=args.tree_size,
-                     typical=args.typical)
+                     typical=args.typical, max_queue=args.max_queue,
+                     max_request_bytes=args.max_request_bytes)
     print(f"hasten serve: {model.name} (context {model.max_positions}, draft {args.draft}) on "
           f"http://{args.host}:{args.port}/v1{' (API key required)' if api_key else ''}",
           file=sys.stderr, flush=True)

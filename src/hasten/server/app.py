@@ -23,6 +23,7 @@ import jinja2
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..drafters import DraftSpec
 from ..errors import HastenError
@@ -100,8 +101,26 @@ def generation_error(e: Exception) -> APIError:
     return APIError(500, "generation failed; the server log has the details", type="server_error")
 
 
-async def read_json(request: Request) -> dict:
-    raw = await request.body()
+MAX_REQUEST_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits the context
+
+
+async def read_json(request: Request, limit: int = MAX_REQUEST_BYTES) -> dict:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:  # refused before reading a byte of it
+        raise APIError(413, f"the request body is {int(declared)} bytes; this server takes at "
+                       f"most {limit}", code="request_too_large")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"the request body exceeds {limit} bytes",
+                               code="request_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client gave up while uploading: one log line, no traceback
+        request.state.hasten_log = "client disconnected while sending the body"
+        raise APIError(400, "client disconnected while sending the body") from None
+    raw = b"".join(chunks)
     if not raw.strip():
         raise APIError(400, "the request body is empty; send a JSON object")
     try:
@@ -117,12 +136,14 @@ async def read_json(request: Request) -> dict:
 
 
 def create_app(model, api_key: str | None = None, draft: DraftSpec = DraftSpec(), *,
-               tree_size: int | None = None, typical: bool = False, log: bool = True) -> FastAPI:
+               tree_size: int | None = None, typical: bool = False, log: bool = True,
+               max_queue: int | None = None, max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
     """An OpenAI-compatible app serving `model` (a `hasten.api.Model`) one request at a time.
 
     `draft`: the drafter used when a request names none, and the options (datastore, heads,
     draft model) of any drafter a request names. `tree_size`: most draft nodes per step
-    (None: chosen per step)."""
+    (None: chosen per step). `max_queue`: requests waiting beyond the one generating; more
+    are answered 429 at once (None: no limit). `max_request_bytes`: larger bodies get 413."""
     engine = Engine(model, draft, tree_size, typical)
     names = (model.name, DEFAULT_ALIAS)
     started = int(time.time())
@@ -140,7 +161,7 @@ def create_app(model, api_key: str | None = None, draft: DraftSpec = DraftSpec()
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
         request.state.hasten_log = f"{e.type}: {e.message}"
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
@@ -204,14 +225,14 @@ def create_app(model, api_key: str | None = None, draft: DraftSpec = DraftSpec()
         return await complete(request, chat=False)
 
     async def complete(request: Request, chat: bool):
-        body = await read_json(request)
+        body = await read_json(request, max_request_bytes)
         name = body.get("model")
         if name is not None and not isinstance(name, str):
             raise wire._wrong_type("model", "a string", name)
         if name is not None and name not in names:
             raise unknown_model(name)
         opts = wire.get_options(body, chat, model.max_positions)
-        ids = encode(body, chat)
+        ids = await asyncio.to_thread(encode, body, chat)  # long prompts never stall the loop
         param = "messages" if chat else "prompt"
         if not ids:
             raise APIError(400, f"the {param} is empty", param=param, code="invalid_value")
@@ -232,6 +253,10 @@ def create_app(model, api_key: str | None = None, draft: DraftSpec = DraftSpec()
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         request.state.hasten_log = f"prompt={len(ids)} queued"
+        if max_queue is not None and engine.queued >= max_queue:
+            raise APIError(429, f"the server is busy: {engine.queued} requests are waiting; retry "
+                           "shortly", type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"})
         engine.submit(job)
         if opts.stream:
             return StreamingResponse(stream(chat, rid, created, job, opts, request),
