@@ -3,14 +3,11 @@ gradient and choice is checked against an independent computation (our runtime's
 forward, transformers' autograd, hand-made losses)."""
 
 import json
-import string
 import types
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from hasten.api import Model
 from hasten.models.llama import build_llama
@@ -21,28 +18,7 @@ from hasten.redteam.gcg import (Search, allowed_tokens, gcg_step, retokenizes, s
                                 token_gradient)
 from hasten.redteam.goals import Goal, goals_from_file, is_refusal, target_for
 from hasten.redteam.losses import candidate_losses, make_layout, swap_losses
-from tiny import hf_reference, tiny_config
-
-SPECIALS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHARS = string.ascii_letters + string.digits + string.punctuation + " \n"
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def char_tokenizer(extra: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
-    """One token per printable ASCII character, ChatML's specials, and `extra` added tokens
-    (matched before characters: with "ab" added, the ids of "a", "b" do not round-trip)."""
-    vocab = {t: i for i, t in enumerate(SPECIALS + list(CHARS))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
-                                   additional_special_tokens=["<|im_start|>", "<|endoftext|>"])
-    fast.chat_template = CHATML
-    if extra:
-        fast.add_tokens(list(extra))
-    return fast
-
+from tiny import SPECIALS, char_tokenizer, hf_reference, tiny_config
 
 def tiny_model(tok, seed=0, dtype=torch.float64, layers=2):
     cfg = tiny_config(vocab_size=len(tok), num_layers=layers, max_position_embeddings=512,

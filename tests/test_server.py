@@ -4,7 +4,6 @@ ChatML tokenizer, served by uvicorn on a free loopback port in a background thre
 from __future__ import annotations
 
 import socket
-import string
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,33 +13,15 @@ import openai
 import pytest
 import torch
 import uvicorn
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from hasten.api import Model
 from hasten.models.llama import build_llama
 from hasten.server import create_app
 from hasten.server.engine import StopMatcher
-from tiny import hf_reference, tiny_config
+from tiny import char_tokenizer, hf_reference, tiny_config
 
 CONTEXT = 256
-SPECIALS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHARS = string.ascii_letters + string.digits + string.punctuation + " \n"
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 HI = [{"role": "user", "content": "Hi there"}]
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per printable ASCII character, plus ChatML's special tokens."""
-    vocab = {t: i for i, t in enumerate(SPECIALS + list(CHARS))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
-                                   additional_special_tokens=["<|im_start|>", "<|endoftext|>"])
-    fast.chat_template = CHATML
-    return fast
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,11 @@ share the same weights, so any difference is a bug in one of them."""
 
 from __future__ import annotations
 
+import string
+
 import torch
 import transformers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from hasten.models.config import LlamaConfig
 from hasten.models.llama import build_llama
@@ -37,3 +40,26 @@ def tiny_pair(model_type: str = "llama", dtype=torch.float64, seed: int = 0, **o
     ref = hf_reference(cfg, seed, dtype)
     ours = build_llama(cfg, ref.state_dict(), dtype=dtype)
     return ours, ref
+
+
+SPECIALS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHARS = string.ascii_letters + string.digits + string.punctuation + " \n"
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def char_tokenizer(extra: tuple[str, ...] = ()) -> transformers.PreTrainedTokenizerFast:
+    """One token per printable ASCII character, ChatML's special tokens and template, and
+    `extra` added tokens (matched before characters: with "ab" added, the ids of "a", "b" do
+    not round-trip)."""
+    vocab = {t: i for i, t in enumerate(SPECIALS + list(CHARS))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>", "<|endoftext|>"])
+    fast.chat_template = CHATML
+    if extra:
+        fast.add_tokens(list(extra))
+    return fast
