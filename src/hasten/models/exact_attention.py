@@ -35,6 +35,7 @@ class KeyPlan(NamedTuple):
     shared: int  # logical positions [0, shared) = cache slots [0, shared), seen by every query
     tail_slots: torch.Tensor  # long [T, W]: cache slot of logical position shared + w
     tail_valid: torch.Tensor  # bool [T, W]
+    tail_hidden: torch.Tensor  # bool [T, W / BLOCK, 1, BLOCK]: ~tail_valid, shaped for the scores
 
 
 def plan_keys(mask: torch.Tensor | None, start: int, t: int, device) -> KeyPlan:
@@ -44,7 +45,9 @@ def plan_keys(mask: torch.Tensor | None, start: int, t: int, device) -> KeyPlan:
     if mask is None:
         mask = torch.ones(t, start + t, dtype=torch.bool, device=device).tril(diagonal=start)
     counts = mask.sum(-1)  # keys per query = its position + 1
-    shared = (start // BLOCK) * BLOCK  # every query attends all committed slots
+    # Blocks below the committed length are seen in full by every query: computed once for all
+    # queries. For a plain step (one row and its copy) gathering everything costs fewer ops.
+    shared = (start // BLOCK) * BLOCK if t > 2 else 0
     width = max(BLOCK, -(-(int(counts.max()) - shared) // BLOCK) * BLOCK)
     logical = mask.long().cumsum(-1) - 1  # logical index of each attended slot
     slots = torch.arange(mask.shape[-1], device=device).expand_as(mask)
@@ -53,7 +56,8 @@ def plan_keys(mask: torch.Tensor | None, start: int, t: int, device) -> KeyPlan:
     tail_slots = torch.zeros(t, width, dtype=torch.long, device=device)
     tail_slots[rows[keep], logical[keep] - shared] = slots[keep]
     tail_valid = torch.arange(width, device=device)[None] < (counts - shared)[:, None]
-    return KeyPlan(shared, tail_slots, tail_valid)
+    hidden = (~tail_valid).reshape(t, width // BLOCK, 1, BLOCK)
+    return KeyPlan(shared, tail_slots, tail_valid, hidden)
 
 
 def _block_partials(scores: torch.Tensor, values: torch.Tensor, dtype) -> tuple:
@@ -80,7 +84,7 @@ def exact_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     vt = v.index_select(1, slots).reshape(kv, t, nt, BLOCK, d)
     qt = qg.reshape(kv, group, t, d).transpose(1, 2)[:, :, None]  # [KV, T, 1, G, D]
     scores = (qt @ kt.transpose(-1, -2)).float()  # [KV, T, nt, G, B]
-    scores.masked_fill_(~plan.tail_valid.reshape(t, nt, 1, BLOCK), float("-inf"))
+    scores.masked_fill_(plan.tail_hidden, float("-inf"))
     m, l_, o = _block_partials(scores, vt, dtype)
     # [KV, T, nt, G] -> [KV, G*T, nt] (the row order of qg: group-major, then query)
     m = m.permute(0, 3, 1, 2).reshape(kv, group * t, nt)
