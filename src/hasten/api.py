@@ -191,7 +191,7 @@ class Model:
     def cost_curve(self) -> CostCurve:
         """Verify cost per tree size on this model/device/dtype, measured once and cached."""
         if self._cost_curve is None:
-            self._cost_curve = cached_cost_curve(self.backbone, self.machine_key("v6"),
+            self._cost_curve = cached_cost_curve(self.backbone, self.machine_key("v7"),
                                                  cache_root() / "costs")
         return self._cost_curve
 
@@ -206,7 +206,7 @@ class Model:
                     "whose verify and plain steps round differently (`hasten check` measures "
                     "whether the exact attention path would be exact on this machine)"))
             else:
-                self._exactness = cached_exactness(b, self.machine_key("exact-v2"),
+                self._exactness = cached_exactness(b, self.machine_key("exact-v3"),
                                                    cache_root() / "exactness")
         return self._exactness
 
@@ -252,5 +252,5 @@ def choose_attention(model: Model) -> None:
     if not hasattr(b, "exact") or b.dtype != torch.float32:
         return  # the generic adapter has one attention path; half precision is exact already
     b.exact = True
-    checked = read_cached(cache_root() / "exactness" / f"{model.machine_key('exact-v2')}.json")
+    checked = read_cached(cache_root() / "exactness" / f"{model.machine_key('exact-v3')}.json")
     b.exact = bool(checked and checked.exact)
