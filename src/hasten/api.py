@@ -170,23 +170,24 @@ class Model:
                 print(f"hasten: warning: speculative decoding is not bit-exact for {self.name} "
                       f"here: {exact.why}. Greedy output may differ from plain decoding in rare "
                       "tokens.", file=sys.stderr, flush=True)
-        if draft is not None and tree_size is None:
-            expected = getattr(draft, "expected_lengths", None)
-            # A static tree with measured expected lengths (Medusa): its size is picked from
-            # them and the verify costs, corrected each step by how the drafts actually do.
-            sizer = (CalibratedTreeSize(self.cost_curve(), expected, MAX_TREE_SIZE) if expected
-                     else AdaptiveTreeSize(self.cost_curve(), MAX_TREE_SIZE))
+            if tree_size is None:
+                expected = getattr(draft, "expected_lengths", None)
+                # A static tree with measured expected lengths (Medusa): its size is picked from
+                # them and the verify costs, corrected each step by how the drafts actually do.
+                sizer = (CalibratedTreeSize(self.cost_curve(), expected, MAX_TREE_SIZE)
+                         if expected else AdaptiveTreeSize(self.cost_curve(), MAX_TREE_SIZE))
         return generate_speculative(self.backbone, draft, prompt_ids, max_new_tokens, params,
                                     stops, generator, self.max_positions, tree_size, typical,
                                     sizer, self.last_stats)
 
-    def machine_key(self, kind: str) -> str:
-        """Names a measurement of this model on this machine: weights, runtime, attention mode,
-        device, dtype and threads (the CPU itself is the cache's: each machine has its own)."""
+    def machine_key(self, kind: str, exact: bool | None = None) -> str:
+        """Names a measurement of this model on this machine: weights, runtime, attention mode
+        (`exact`: that mode instead of the current one), device, dtype and threads (the CPU
+        itself is the cache's: each machine has its own)."""
         b = self.backbone
-        mode = "exact" if getattr(b, "exact", False) else "sdpa"
-        return (f"{kind}-{self.fingerprint}-{type(b).__name__}-{mode}-{b.device.type}-"
-                f"{str(b.dtype).removeprefix('torch.')}-t{torch.get_num_threads()}")
+        exact = getattr(b, "exact", False) if exact is None else exact
+        return (f"{kind}-{self.fingerprint}-{type(b).__name__}-{'exact' if exact else 'sdpa'}-"
+                f"{b.device.type}-{str(b.dtype).removeprefix('torch.')}-t{torch.get_num_threads()}")
 
     def cost_curve(self) -> CostCurve:
         """Verify cost per tree size on this model/device/dtype, measured once and cached."""
@@ -195,20 +196,50 @@ class Model:
                                                  cache_root() / "costs")
         return self._cost_curve
 
+    def _exactness_file(self, exact: bool | None = None) -> Path:
+        """Where the exactness check of this model's attention mode (or of `exact`'s) is cached
+        for this machine."""
+        return cache_root() / "exactness" / f"{self.machine_key('exact-v3', exact)}.json"
+
     def exactness(self) -> Exactness:
         """Whether speculative greedy output is bit-identical to plain decoding here, in the
         attention mode this model runs: measured once per machine (seconds) and cached."""
         if self._exactness is None:
             b = self.backbone
             if hasattr(b, "exact") and not b.exact:
-                self._exactness = Exactness(False, (
-                    f"{str(b.dtype).removeprefix('torch.')} attention runs through SDPA here, "
-                    "whose verify and plain steps round differently (`hasten check` measures "
-                    "whether the exact attention path would be exact on this machine)"))
+                dtype = str(b.dtype).removeprefix("torch.")
+                measured = read_cached(self._exactness_file(exact=True))
+                why = (f"with exact attention {measured.why}; so {dtype} keeps SDPA, which is "
+                       "faster and not exact either" if measured else
+                       f"{dtype} attention runs through SDPA here, whose verify and plain steps "
+                       "round differently (`hasten check` measures whether the exact attention "
+                       "path would be exact on this machine)")
+                self._exactness = Exactness(False, why, *((measured.nodes_checked,
+                                                          measured.nodes_differing)
+                                                         if measured else ()))
             else:
-                self._exactness = cached_exactness(b, self.machine_key("exact-v3"),
-                                                   cache_root() / "exactness")
+                self._exactness = cached_exactness(b, self._exactness_file())
         return self._exactness
+
+    def choose_attention(self, measure: bool = False) -> None:
+        """Exact attention (`models.exact_attention`) where it makes speculative decoding exact.
+
+        bfloat16 and float16 always take it (`build_llama` sets it): measured bit-exact on every
+        CPU tried (Intel Xeon with AMX, AMD EPYC), and it is what makes trees worth it there.
+        float32 takes it only where the check found it exact on this machine (`measure`: run
+        the check now, as `hasten check` does; else use a cached result): with MKL, rows of a
+        float32 matmul depend on how many rows share the call, so it is usually not exact, and
+        SDPA is faster."""
+        b = self.backbone
+        if not hasattr(b, "exact") or b.dtype != torch.float32:
+            return  # the generic adapter has one attention path; half precision is exact already
+        if measure:
+            b.exact, self._exactness = True, None
+            b.exact = self.exactness().exact
+        else:
+            checked = read_cached(self._exactness_file(exact=True))
+            b.exact = bool(checked and checked.exact)
+        self._exactness = None  # from now on: the mode in force
 
     def stream(self, prompt: str | list[dict], max_new_tokens: int = 256, chat: bool | None = None,
                system: str | None = None, **options) -> Iterator[str]:
@@ -237,20 +268,5 @@ def load(model: str | None = None, device: str = "cpu", dtype: str | torch.dtype
     loaded = load_backbone(model, device, dtype, runtime, progress)
     result = Model(loaded.backbone, loaded.tokenizer, loaded.name, loaded.max_positions,
                    loaded.stop_ids, folder=loaded.folder)
-    choose_attention(result)
+    result.choose_attention()
     return result
-
-
-def choose_attention(model: Model) -> None:
-    """Exact attention (`models.exact_attention`) where it makes speculative decoding exact.
-
-    bfloat16 and float16 always take it: measured bit-exact on every CPU tried (Intel Xeon with
-    AMX, AMD EPYC), and it is what makes trees worth it there. float32 takes it only where
-    `hasten check` found it exact on this machine: with MKL, rows of a float32 matmul depend on
-    how many rows share the call, so it is usually not exact, and SDPA is faster."""
-    b = model.backbone
-    if not hasattr(b, "exact") or b.dtype != torch.float32:
-        return  # the generic adapter has one attention path; half precision is exact already
-    b.exact = True
-    checked = read_cached(cache_root() / "exactness" / f"{model.machine_key('exact-v3')}.json")
-    b.exact = bool(checked and checked.exact)

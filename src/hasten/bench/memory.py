@@ -19,9 +19,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-OURS = ("plain", "lookup", "model", "rest", "medusa")  # run on our runtime's model
-
-
 def rss_mb(field: str = "VmHWM") -> float:
     """This process's peak (VmHWM) or current (VmRSS) resident memory in MB. Not ru_maxrss where
     /proc exists: Linux carries a parent's peak over fork+exec, so a child of a big bench
@@ -88,6 +85,7 @@ def load_for(spec: dict):
     """Our runtime's model for our methods. The others load their own weights (transformers,
     llama.cpp), so they get a Model with the tokenizer, stop ids and folder but no weights."""
     from ..api import load
+    from .methods import OURS  # run on our runtime's model
     if spec["method"] in OURS:
         return load(spec.get("model"), device=spec.get("device", "cpu"),
                     dtype=spec.get("dtype", "float32"), runtime=spec.get("runtime", "auto"),

@@ -41,30 +41,22 @@ def run(args) -> None:
     for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
         t0 = time.perf_counter()
         model = load(args.model, device=args.device, dtype=dtype, runtime=args.runtime, progress=False)
+        model.choose_attention(measure=True)  # float32: exact attention only if measured exact
+        exact = model.exactness()
         b = model.backbone
         entry = {}
-        if hasattr(b, "exact"):
-            b.exact = True  # measure the exact attention path, then keep it only if it is exact
-            exact = model.exactness()
-            b.exact = exact.exact or b.dtype != torch.float32
-            if not b.exact:  # what generation will say, and why: the measured reason
-                model._exactness = exact = type(exact)(
-                    False, f"with exact attention {exact.why}; so float32 keeps SDPA, which "
-                           "is faster and not exact either", exact.nodes_checked,
-                    exact.nodes_differing)
+        if hasattr(b, "blocks"):  # the lean runtime: its matmul shapes
             layer = b.blocks[0]
             entry["row_classes"] = {
                 name: row_classes(w) for name, w in (
                     ("qkv", layer.wqkv.weight_t), ("gate_up", layer.w_gate_up.weight_t),
                     ("down", layer.w_down.weight_t), ("lm_head", b.lm_head.weight_t))}
-        else:
-            exact = model.exactness()
         curve = model.cost_curve()
         entry.update({"attention": "exact" if getattr(b, "exact", False) else "sdpa",
                       "plain_step_ms": round(curve.seconds[0] * 1000, 2),
                       "verify_cost": {str(n): r for n, r in curve.relative().items()},
-                      "exact": exact.exact, "why": exact.why, "seconds": 0.0})
-        entry["seconds"] = round(time.perf_counter() - t0, 1)
+                      "exact": exact.exact, "why": exact.why,
+                      "seconds": round(time.perf_counter() - t0, 1)})
         report["dtypes"][dtype] = entry
         if not args.json:
             print(describe(dtype, entry), flush=True)

@@ -186,7 +186,7 @@ class AdaptiveTreeSize:
         self.probe, self.draft_cost = probe or ProbeSchedule(), DraftCost()
         # Exponentially weighted counts of accepted drafts and of drafts judged.
         self.accepted, self.trials = prior_rate, 1.0
-        self.size = best_size(curve, prior_rate, max_size)
+        self.size = self.best()
         if self.size == 0:  # start with a probe: whether this text suits the drafter
             self.size, self.probe.probing = min(1, max_size), True
 
@@ -200,20 +200,21 @@ class AdaptiveTreeSize:
     def best(self) -> int:
         return fastest_size(lambda n: expected_gain(self.rate, n), self.cost, self.max_size)
 
-    def update(self, proposed_depth: int, accepted_drafts: int, proposed_size: int = 0) -> int:
+    def _count(self, proposed_depth: int, accepted_drafts: int) -> None:
         if proposed_depth > 0:
             # Each accepted draft was one success; a stop before the end was one failure.
             trials = accepted_drafts + (1 if accepted_drafts < proposed_depth else 0)
             self.accepted = self.memory * self.accepted + accepted_drafts
             self.trials = self.memory * self.trials + trials
+
+    def update(self, proposed_depth: int, accepted_drafts: int, proposed_size: int = 0) -> int:
+        self._count(proposed_depth, accepted_drafts)
         self.size = self.probe.next(self.best(), min(1, self.max_size), accepted_drafts)
         return self.size
 
     def shadow(self, proposed_depth: int, accepted_drafts: int, proposed_size: int) -> None:
         """A shadow probe's outcome: counted like a verified step's, without being a step."""
-        trials = accepted_drafts + (1 if accepted_drafts < proposed_depth else 0)
-        self.accepted = self.memory * self.accepted + accepted_drafts
-        self.trials = self.memory * self.trials + trials
+        self._count(proposed_depth, accepted_drafts)
         self.probe.resolved(accepted_drafts > 0)
 
 
@@ -255,19 +256,20 @@ class CalibratedTreeSize:
     def best(self) -> int:
         return fastest_size(self.gain, self.cost, self.max_size)
 
-    def update(self, proposed_depth: int, accepted_drafts: int, proposed_size: int = 0) -> int:
-        """After a step that verified `proposed_size` nodes and kept `accepted_drafts`."""
+    def _count(self, proposed_size: int, accepted_drafts: int) -> None:
         if proposed_size > 0:
             self.got = self.memory * self.got + accepted_drafts
             promised = self.expected[min(proposed_size, self.max_size)] - 1.0
             self.wanted = self.memory * self.wanted + promised
+
+    def update(self, proposed_depth: int, accepted_drafts: int, proposed_size: int = 0) -> int:
+        """After a step that verified `proposed_size` nodes and kept `accepted_drafts`."""
+        self._count(proposed_size, accepted_drafts)
         self.size = self.probe.next(self.best(), min(self.probe_size, self.max_size),
                                     accepted_drafts)
         return self.size
 
     def shadow(self, proposed_depth: int, accepted_drafts: int, proposed_size: int) -> None:
         """A shadow probe's outcome: counted like a verified step's, without being a step."""
-        if proposed_size > 0:
-            self.got = self.memory * self.got + accepted_drafts
-            self.wanted = self.memory * self.wanted + self.expected[min(proposed_size, self.max_size)] - 1.0
+        self._count(proposed_size, accepted_drafts)
         self.probe.resolved(accepted_drafts > 0)

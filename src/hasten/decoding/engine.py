@@ -124,7 +124,7 @@ def generate_speculative(backbone: Backbone, drafter: Drafter | None, prompt: li
         stats.verify_time += t2 - t1
         stats.accept_time += t3 - t2
         stats.steps += 1
-        new = [tree.token_list[i] for i in path] + [bonus] if path else [bonus]
+        new = [tree.token_list[i] for i in path] + [bonus]
         stats.accepted.append(len(new))
         if drafter is not None:
             drafter.observe(new)

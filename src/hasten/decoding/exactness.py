@@ -112,9 +112,8 @@ def read_cached(path: Path) -> Exactness | None:
         return None
 
 
-def cached_exactness(backbone: Backbone, key: str, cache_dir: Path) -> Exactness:
-    """The check for `key`, from `cache_dir` or measured (seconds) and saved."""
-    path = cache_dir / f"{key}.json"
+def cached_exactness(backbone: Backbone, path: Path) -> Exactness:
+    """The check cached at `path`, or measured (seconds) and saved there."""
     cached = read_cached(path)
     if cached is not None:
         return cached

@@ -34,8 +34,7 @@ class KeyPlan(NamedTuple):
     """Where each query's logical keys are, shared by all layers of one forward."""
     shared: int  # logical positions [0, shared) = cache slots [0, shared), seen by every query
     tail_slots: torch.Tensor  # long [T, W]: cache slot of logical position shared + w
-    tail_valid: torch.Tensor  # bool [T, W]
-    tail_hidden: torch.Tensor  # bool [T, W / BLOCK, 1, BLOCK]: ~tail_valid, shaped for the scores
+    tail_hidden: torch.Tensor  # bool [T, W / BLOCK, 1, BLOCK]: True past the query's own keys
 
 
 def plan_keys(mask: torch.Tensor | None, start: int, t: int, device) -> KeyPlan:
@@ -55,9 +54,8 @@ def plan_keys(mask: torch.Tensor | None, start: int, t: int, device) -> KeyPlan:
     rows = torch.arange(t, device=device)[:, None].expand_as(mask)
     tail_slots = torch.zeros(t, width, dtype=torch.long, device=device)
     tail_slots[rows[keep], logical[keep] - shared] = slots[keep]
-    tail_valid = torch.arange(width, device=device)[None] < (counts - shared)[:, None]
-    hidden = (~tail_valid).reshape(t, width // BLOCK, 1, BLOCK)
-    return KeyPlan(shared, tail_slots, tail_valid, hidden)
+    hidden = torch.arange(width, device=device)[None] >= (counts - shared)[:, None]
+    return KeyPlan(shared, tail_slots, hidden.reshape(t, width // BLOCK, 1, BLOCK))
 
 
 def _block_partials(scores: torch.Tensor, values: torch.Tensor, dtype) -> tuple:

@@ -155,7 +155,7 @@ class LlamaModel(nn.Module):
         self._k = self._v = None
         # Decode and verify steps through `exact_attention`, so a token's logits and K/V do not
         # depend on whether it was decoded alone or verified in a tree. False: SDPA throughout.
-        # `build_llama` turns it on for bfloat16 / float16 (see `hasten.api.choose_attention`).
+        # `build_llama` turns it on for bfloat16 / float16 (see `hasten.api.Model.choose_attention`).
         self.exact = False
 
     @property

@@ -118,7 +118,6 @@ async def read_json(request: Request, limit: int = MAX_REQUEST_BYTES) -> dict:
                                code="request_too_large")
             chunks.append(chunk)
     except ClientDisconnect:  # the client gave up while uploading: one log line, no traceback
-        request.state.hasten_log = "client disconnected while sending the body"
         raise APIError(400, "client disconnected while sending the body") from None
     raw = b"".join(chunks)
     if not raw.strip():
