@@ -4,6 +4,7 @@ distillation, resume, and the commands end to end on tiny Hugging Face folders."
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -324,7 +325,25 @@ def test_distillation_lowers_the_logit_error(tmp_path):
     assert logit_distance(merged, teacher, ids(4, 24, seed=2))[0] == pytest.approx(report["mse_after"], rel=1e-3)
 
 
-def test_distillation_resumes_where_it_stopped(pair, tmp_path, monkeypatch):
+@contextlib.contextmanager
+def crash_at_step(n: int):
+    """Distillation's n-th training step raises KeyboardInterrupt, as a crash mid-run would."""
+    real, calls = distill_mod.logit_terms, []
+
+    def crashing(*args):
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+        return real(*args)
+    distill_mod.logit_terms = crashing
+    try:
+        yield
+    finally:
+        distill_mod.logit_terms = real
+
+
+def test_distillation_resumes_where_it_stopped(pair, tmp_path):
     base, ft, *_ = pair
     options = dict(steps=6, batch=2, lr=0.05, checkpoint_every=2, progress=False,
                    texts=ids(8, 16, seed=1), held_out=ids(2, 16, seed=2))
@@ -335,20 +354,9 @@ def test_distillation_resumes_where_it_stopped(pair, tmp_path, monkeypatch):
     want = bd.load(path).scales
 
     path = compressed(pair, tmp_path)
-    real, calls = distill_mod.logit_terms, []
-
-    def crash_at_fifth_step(*args):
-        if torch.is_grad_enabled():
-            calls.append(1)
-            if len(calls) == 5:
-                raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(distill_mod, "logit_terms", crash_at_fifth_step)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_at_step(5), pytest.raises(KeyboardInterrupt):
         distill_mod.distill(base, ft, path, **options)
     assert torch.load(path / distill_mod.STATE_FILE, weights_only=False)["step"] == 4
-    monkeypatch.setattr(distill_mod, "logit_terms", real)
     with pytest.raises(HastenError, match="other settings"):
         distill_mod.distill(base, ft, path, **{**options, "lr": 0.01})
     report = distill_mod.distill(base, ft, path, **options)
@@ -365,21 +373,8 @@ def test_distillation_can_be_stopped_early_and_resumed_with_fewer_steps(pair, tm
     path = compressed(pair, straight)
     distill_mod.distill(base, ft, path, steps=4, **options)
     path2 = compressed(pair, tmp_path)
-    real, calls = distill_mod.logit_terms, []
-
-    def crash_at_seventh_step(*args):
-        if torch.is_grad_enabled():
-            calls.append(1)
-            if len(calls) == 7:
-                raise KeyboardInterrupt
-        return real(*args)
-
-    distill_mod.logit_terms = crash_at_seventh_step
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            distill_mod.distill(base, ft, path2, steps=10, **options)
-    finally:
-        distill_mod.logit_terms = real
+    with crash_at_step(7), pytest.raises(KeyboardInterrupt):
+        distill_mod.distill(base, ft, path2, steps=10, **options)
     report = distill_mod.distill(base, ft, path2, steps=4, **options)  # checkpoint at 6 > 4
     assert report["steps"] == 6  # the steps actually made
     assert bd.load(path2).scales != bd.load(path).scales
