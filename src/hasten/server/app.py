@@ -1,7 +1,11 @@
-"""The FastAPI application: OpenAI-compatible routes in front of the one-slot `Engine`.
+"""The FastAPI application: OpenAI-compatible routes in front of the batching `Engine`.
 
     POST /v1/chat/completions   POST /v1/completions   (stream: true for server-sent events)
-    GET  /v1/models             GET  /v1/models/{id}   GET /health (never needs the API key)
+    GET  /v1/models             GET  /v1/models/{id}
+    GET  /health  GET /metrics  (never need the API key)
+
+`"model"` picks the base model or one of its BitDelta tenants (`tenants`); requests of
+different tenants share the batch.
 
 Extra request fields: `draft` ("none", "lookup", "model", "rest", "medusa"; default: the
 server's drafter, with the options it was started with),
@@ -21,17 +25,19 @@ from contextlib import asynccontextmanager
 
 import jinja2
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..drafters import DraftSpec
 from ..errors import HastenError
 from . import protocol as wire
-from .engine import Engine, Job, Outcome
+from .engine import Engine, Job, Outcome, ShuttingDown
+from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .protocol import APIError, error_body
 
 DEFAULT_ALIAS = "default"
+OPEN_PATHS = ("/health", "/metrics")  # liveness and monitoring need no API key
 
 
 class Gate:
@@ -59,7 +65,7 @@ class Gate:
             await send(message)
 
         try:
-            if self.api_key and scope["path"] != "/health" and not self.authorized(scope):
+            if self.api_key and scope["path"] not in OPEN_PATHS and not self.authorized(scope):
                 state["hasten_log"] = "missing or wrong API key"
                 response = JSONResponse(error_body("Incorrect or missing API key: send "
                                                    "'Authorization: Bearer <key>'",
@@ -94,6 +100,8 @@ def describe(outcome: Outcome | None, prompt_tokens: int) -> str:
 def generation_error(e: Exception) -> APIError:
     if isinstance(e, APIError):
         return e
+    if isinstance(e, ShuttingDown):
+        return APIError(503, str(e), type="server_error", code="shutting_down")
     if isinstance(e, HastenError):
         return APIError(400, str(e))
     print(f"hasten serve: generation failed: {printable(f'{type(e).__name__}: {e}')}",
@@ -136,15 +144,25 @@ async def read_json(request: Request, limit: int = MAX_REQUEST_BYTES) -> dict:
 
 def create_app(model, api_key: str | None = None, draft: DraftSpec = DraftSpec(), *,
                tree_size: int | None = None, typical: bool = False, log: bool = True,
-               max_queue: int | None = None, max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
-    """An OpenAI-compatible app serving `model` (a `hasten.api.Model`) one request at a time.
+               max_queue: int | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
+               max_batch: int = 8, context: int | None = None,
+               request_timeout: float | None = None, tenants: list[str] = (),
+               backbone=None) -> FastAPI:
+    """An OpenAI-compatible app serving `model` (a `hasten.api.Model`), its requests batched.
 
     `draft`: the drafter used when a request names none, and the options (datastore, heads,
     draft model) of any drafter a request names. `tree_size`: most draft nodes per step
-    (None: chosen per step). `max_queue`: requests waiting beyond the one generating; more
-    are answered 429 at once (None: no limit). `max_request_bytes`: larger bodies get 413."""
-    engine = Engine(model, draft, tree_size, typical)
-    names = (model.name, DEFAULT_ALIAS)
+    (None: chosen per step). `max_queue`: requests waiting for a batch row; more are answered
+    429 at once (None: no limit). `max_request_bytes`: larger bodies get 413. `max_batch`:
+    requests generating together; `context`: cache entries per request (default: the
+    model's context). `request_timeout`: seconds from arrival after which a generation ends
+    (finish "length", `time_limit` in its stats). `tenants`: BitDelta tenant names, tenant k
+    being route k of `backbone` (`bitdelta.delta_backbone(model.backbone, deltas)`)."""
+    metrics = Metrics()
+    engine = Engine(model, draft, tree_size, typical, max_batch=max_batch, context=context,
+                    request_timeout=request_timeout, backbone=backbone, metrics=metrics)
+    routes = {model.name: -1, DEFAULT_ALIAS: -1, **{name: k for k, name in enumerate(tenants)}}
+    served_names = [model.name, *tenants]
     started = int(time.time())
 
     @asynccontextmanager
@@ -155,6 +173,7 @@ def create_app(model, api_key: str | None = None, draft: DraftSpec = DraftSpec()
 
     app = FastAPI(title="hasten", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.engine = engine
+    app.state.draining = False  # set on SIGTERM (see server/shutdown.py): no new requests
     app.add_middleware(Gate, api_key=api_key or None, log=log)
 
     @app.exception_handler(APIError)
@@ -174,29 +193,38 @@ def create_app(model, api_key: str | None = None, draft: DraftSpec = DraftSpec()
         return JSONResponse(error_body("internal error; the server log has the details",
                                        "server_error"), status_code=500)
 
-    def card() -> dict:
-        return {"id": model.name, "object": "model", "created": started, "owned_by": "hasten",
-                "max_model_len": model.max_positions}
+    def card(name: str) -> dict:
+        out = {"id": name, "object": "model", "created": started, "owned_by": "hasten",
+               "max_model_len": engine.context}
+        if name != model.name:
+            out["parent"] = model.name  # a BitDelta tenant of the base
+        return out
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model.name, "busy": engine.current is not None,
-                "queued": engine.queued, "served": engine.served}
+        body = {"status": "draining" if app.state.draining else "ok", "model": model.name,
+                "active": engine.active, "queued": engine.queued, "capacity": engine.max_batch,
+                "busy": engine.active > 0, "served": engine.served}
+        return JSONResponse(body, status_code=503 if app.state.draining else 200)
+
+    @app.get("/metrics")
+    async def metrics_text():
+        return Response(metrics.render(engine.active, engine.queued), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [card()]}
+        return {"object": "list", "data": [card(name) for name in served_names]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
-        if model_id not in names:
+        if model_id not in routes:
             raise unknown_model(model_id)
-        return card()
+        return card(model.name if routes[model_id] < 0 else model_id)
 
     def unknown_model(name: str) -> APIError:
         return APIError(404, f"The model {name!r} does not exist; this server serves "
-                        f"{model.name!r} (alias {DEFAULT_ALIAS!r})", param="model",
-                        code="model_not_found")
+                        f"{', '.join(repr(n) for n in served_names)} (alias {DEFAULT_ALIAS!r} "
+                        f"for {model.name!r})", param="model", code="model_not_found")
 
     def encode(body: dict, chat: bool) -> list[int]:
         if chat:
@@ -225,22 +253,28 @@ def create_app(model, api_key: str | None = None, draft: DraftSpec = DraftSpec()
 
     async def complete(request: Request, chat: bool):
         body = await read_json(request, max_request_bytes)
+        if app.state.draining:
+            raise APIError(503, "the server is shutting down; retry on another instance",
+                           type="server_error", code="shutting_down", headers={"Retry-After": "5"})
         name = body.get("model")
         if name is not None and not isinstance(name, str):
             raise wire._wrong_type("model", "a string", name)
-        if name is not None and name not in names:
+        if name is not None and name not in routes:
             raise unknown_model(name)
-        opts = wire.get_options(body, chat, model.max_positions)
+        tenant = routes.get(name, -1)
+        served_as = model.name if tenant < 0 else name
+        limit = engine.context
+        opts = wire.get_options(body, chat, limit)
         ids = await asyncio.to_thread(encode, body, chat)  # long prompts never stall the loop
         param = "messages" if chat else "prompt"
         if not ids:
             raise APIError(400, f"the {param} is empty", param=param, code="invalid_value")
-        if len(ids) >= model.max_positions:
-            raise APIError(400, f"This model's maximum context length is {model.max_positions} "
+        if len(ids) >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} "
                            f"tokens; the {'chat ' if chat else ''}prompt has {len(ids)}. "
                            "Shorten it.", param=param,
                            code="context_length_exceeded")
-        room = model.max_positions - len(ids)
+        room = limit - len(ids)
         try:  # a drafter that cannot be built is the request's fault: 400, before any stream
             spec = engine.spec(opts.draft)
             drafter = await asyncio.to_thread(engine.drafter, spec)
@@ -248,11 +282,13 @@ def create_app(model, api_key: str | None = None, draft: DraftSpec = DraftSpec()
             raise APIError(400, str(e), param="draft", code="invalid_value") from None
         job = Job(ids, min(opts.max_tokens or room, room), opts.temperature, opts.top_p,
                   opts.top_k, opts.seed, spec.name, drafter, opts.tree_size, opts.stop,
-                  loop=asyncio.get_running_loop(), events=asyncio.Queue())
+                  loop=asyncio.get_running_loop(), events=asyncio.Queue(), tenant=tenant,
+                  model_name=served_as)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         request.state.hasten_log = f"prompt={len(ids)} queued"
         if max_queue is not None and engine.queued >= max_queue:
+            metrics.requests.labels("queue_full").inc()
             raise APIError(429, f"the server is busy: {engine.queued} requests are waiting; retry "
                            "shortly", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"})
@@ -275,7 +311,7 @@ def create_app(model, api_key: str | None = None, draft: DraftSpec = DraftSpec()
             watcher.cancel()
             job.cancel()  # no-op when done; stops generating if this handler was interrupted
             request.state.hasten_log = describe(outcome, len(ids))
-        return wire.completion(chat, rid, created, model.name, "".join(parts),
+        return wire.completion(chat, rid, created, served_as, "".join(parts),
                                outcome.finish_reason, wire.usage(len(ids), outcome.completion_tokens),
                                outcome.hasten_stats())
 
@@ -294,10 +330,10 @@ def create_app(model, api_key: str | None = None, draft: DraftSpec = DraftSpec()
         outcome = None
         try:
             if chat:
-                yield event(wire.chunk(chat, rid, created, model.name, first=True))
+                yield event(wire.chunk(chat, rid, created, job.model_name, first=True))
             async for kind, value in job.events_until_done():
                 if kind == "text":
-                    yield event(wire.chunk(chat, rid, created, model.name, text=value))
+                    yield event(wire.chunk(chat, rid, created, job.model_name, text=value))
                 elif kind == "error":
                     e = generation_error(value)
                     request.state.hasten_log = f"{e.type} mid-stream: {e.message}"
@@ -308,12 +344,12 @@ def create_app(model, api_key: str | None = None, draft: DraftSpec = DraftSpec()
                     extra = {"hasten": outcome.hasten_stats()}
                     if not opts.include_usage:
                         extra["usage"] = usage
-                    yield event(wire.chunk(chat, rid, created, model.name,
+                    yield event(wire.chunk(chat, rid, created, job.model_name,
                                            finish=outcome.finish_reason, **extra))
                     if opts.include_usage:
                         yield event({"id": rid, "object": "chat.completion.chunk" if chat
                                      else "text_completion", "created": created,
-                                     "model": model.name, "choices": [], "usage": usage})
+                                     "model": job.model_name, "choices": [], "usage": usage})
             yield "data: [DONE]\n\n"
         finally:  # runs on normal end and when the client disconnects (the stream is cancelled)
             job.cancel()

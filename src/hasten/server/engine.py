@@ -1,9 +1,18 @@
-"""The server's one generation slot: a worker thread that serves queued jobs in turn.
+"""The server's generation loop: one worker thread, continuous batching.
 
-The model has one KV cache (batch 1), so exactly one thread ever generates: jobs wait in a FIFO
-queue and never interleave. Each job streams its text pieces back to the event loop through an
-asyncio queue; setting `job.cancelled` (the client went away) stops its generation at the next
-token and frees the slot for the next job.
+Requests wait in a FIFO queue for one of `max_batch` rows of a `BatchedDecoder`. Each step,
+the worker
+
+    1. lets go of requests that are finished, cancelled (the client left) or past their time
+       limit: their rows are free at once;
+    2. admits waiting requests into the free rows: each is prefilled alone and its first
+       token goes out right away;
+    3. advances every admitted request by one token in ONE batched forward.
+
+Each request streams its text pieces back to the event loop through an asyncio queue
+(`Job.post`). A request's tokens do not depend on who else is in the batch (see
+`decoding/batched.py`). Requests that name a drafter decode plain inside the batch: trees are
+not verified in batched steps (their greedy answers are the same tokens either way).
 """
 
 from __future__ import annotations
@@ -11,13 +20,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from ..api import Detokenizer
+from ..decoding.batched import BatchedDecoder, Sequence
+from ..decoding.sampling import SamplingParams
 from ..decoding.stats import GenerationStats
 from ..drafters import DraftSpec
+from ..errors import HastenError
+from .metrics import Metrics
 
 
 class StopMatcher:
@@ -52,6 +68,10 @@ class StopMatcher:
         return out
 
 
+class ShuttingDown(Exception):
+    """The server stopped before this request could finish."""
+
+
 @dataclass
 class Job:
     prompt_ids: list[int]
@@ -60,12 +80,14 @@ class Job:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
-    draft: str | None = None  # drafter name; None = the server's default
-    drafter: object = None  # the built drafter for `draft` (None = plain decoding)
+    draft: str | None = None  # the drafter the request named (it decodes plain in the batch)
+    drafter: object = None
     tree_size: int | None = None
     stop: list[str] = field(default_factory=list)
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
+    tenant: int = -1  # BitDelta tenant row route (-1: the base model)
+    model_name: str = ""
     cancelled: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.perf_counter)
     outcome: Outcome | None = None  # set by the worker when the job ends
@@ -95,6 +117,9 @@ class Outcome:
     stats: GenerationStats
     draft: str
     queue_time: float
+    batch_size: int = 1  # the most rows this request shared a step with
+    time_limit: bool = False  # ended by the per-request time limit
+    requested_draft: str | None = None  # what the request asked for (batched steps are plain)
 
     def hasten_stats(self) -> dict:
         """The speculative statistics returned with every answer."""
@@ -106,32 +131,66 @@ class Outcome:
                 "decode_tokens_per_second": round(s.decode_tokens_per_second, 2),
                 "time_to_first_token_s": round(s.time_to_first_token, 4),
                 "generation_time_s": round(s.total_time, 4),
-                "queue_time_s": round(self.queue_time, 4)}
+                "queue_time_s": round(self.queue_time, 4),
+                "draft_requested": self.requested_draft,
+                "max_batch_size": self.batch_size, "time_limit": self.time_limit}
+
+
+@dataclass(eq=False)
+class Running:
+    """A job holding a batch row: its sequence and what turns its tokens into text."""
+    job: Job
+    seq: Sequence
+    detok: Detokenizer
+    stopper: StopMatcher
+    stats: GenerationStats
+    start: float
+    queue_time: float
+    count: int = 0
+    batch_size: int = 1
 
 
 class Engine:
-    """Owns the model and the single worker thread that generates with it."""
+    """Owns the batched decoder and the worker thread that runs it."""
 
     def __init__(self, model, draft: DraftSpec = DraftSpec(), tree_size: int | None = None,
-                 typical: bool = False):
+                 typical: bool = False, max_batch: int = 8, context: int | None = None,
+                 request_timeout: float | None = None, backbone=None,
+                 metrics: Metrics | None = None):
         self.model = model
         self.draft = draft  # the server's drafter and the options every request's drafter gets
         self.tree_size = tree_size
         self.typical = typical
+        self.max_batch = max_batch
+        self.request_timeout = request_timeout
+        self.metrics = metrics or Metrics()
+        backbone = backbone if backbone is not None else model.backbone
+        if not hasattr(backbone, "blocks"):
+            raise HastenError("hasten serve batches requests on the lean Llama runtime; this "
+                              "model runs on the transformers adapter (use --runtime lean)")
+        self.context = min(context or model.max_positions, model.max_positions)
+        self.decoder = BatchedDecoder(backbone, max_batch, self.context)
+        self.exact = backbone.exact  # rows independent of the batch (see decoding/batched.py)
         self.jobs: queue.Queue = queue.Queue()
-        self.current: Job | None = None
+        self.running: list[Running] = []
         self.served = 0
         self.finished: collections.deque[Outcome] = collections.deque(maxlen=64)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._stopping = False
 
     @property
     def queued(self) -> int:
         return self.jobs.qsize()
 
+    @property
+    def active(self) -> int:
+        return len(self.running)
+
     def start(self) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
+                self._stopping = False
                 self._thread = threading.Thread(target=self._work, name="hasten-engine", daemon=True)
                 self._thread.start()
 
@@ -139,20 +198,31 @@ class Engine:
         self.start()
         self.jobs.put(job)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Cancel the running and queued jobs and end the worker thread."""
+    def cancel_queued(self, why: str = "the server is shutting down") -> None:
+        """Refuse every job still waiting for a row."""
         while True:
             try:
                 job = self.jobs.get_nowait()
             except queue.Empty:
-                break
+                return
             if job is not None:
                 job.cancel()
-                job.post("error", RuntimeError("the server is shutting down"))
-        if self.current is not None:
-            self.current.cancel()
+                job.post("error", ShuttingDown(why))
+
+    def cancel_running(self) -> None:
+        """End every generating job now: each gets its answer so far, finish "cancelled"
+        (posted from here too, so a stream ends even while the worker is mid-step)."""
+        for run in list(self.running):
+            run.job.cancel()
+            run.job.post("done", self._outcome(run, "cancelled"))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel the running and queued jobs and end the worker thread."""
+        self._stopping = True
+        self.cancel_queued()
+        self.cancel_running()
         if self._thread is not None and self._thread.is_alive():
-            self.jobs.put(None)
+            self.jobs.put(None)  # wakes an idle worker
             self._thread.join(timeout)
         self._thread = None
 
@@ -163,59 +233,130 @@ class Engine:
     def drafter(self, spec: DraftSpec):
         return self.model.drafter(spec)  # built once per spec, kept by the model
 
+    # ---- the worker ---------------------------------------------------------------------
+
     def _work(self) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            if job.cancelled.is_set():  # the client left while waiting in the queue
-                job.outcome = Outcome("cancelled", 0, GenerationStats(), job.draft or "", 0.0)
-                job.post("done", job.outcome)
-                continue
-            self.current = job
+        while not self._stopping:
             try:
-                job.outcome = self._generate(job)
-                self.finished.append(job.outcome)
-                job.post("done", job.outcome)
+                self._release_done()
+                if not self._admit():
+                    return
+                if self.running:
+                    self._step()
+            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
+                self._fail_all(e)
+
+    def _admit(self) -> bool:
+        """Prefill waiting jobs into free rows; waits for one when nothing runs. False: stop."""
+        while self.decoder.free:
+            try:
+                job = self.jobs.get(block=not self.running)
+            except queue.Empty:
+                return True
+            if job is None or self._stopping:
+                return False
+            if job.cancelled.is_set():  # the client left while waiting in the queue
+                self._end_unstarted(job, "cancelled")
+                continue
+            try:
+                self._start(job)
             except Exception as e:  # noqa: BLE001 - reported to the client; the server goes on
                 job.post("error", e)
-            finally:
-                self.current = None
+                self.metrics.requests.labels("error").inc()
                 self.served += 1
+        return True
 
-    def _generate(self, job: Job) -> Outcome:
-        model = self.model
-        queue_time = time.perf_counter() - job.created
-        name = job.draft or self.draft.name
-        drafter = job.drafter
-        tokens = model.generate_ids(job.prompt_ids, job.max_tokens, temperature=job.temperature,
-                                    top_p=job.top_p, top_k=job.top_k, seed=job.seed, draft=drafter,
-                                    tree_size=job.tree_size if job.tree_size is not None
-                                    else self.tree_size, typical=self.typical)
-        stats = model.last_stats  # generate_ids made a fresh one for this generation
-        detok, stopper = Detokenizer(model.tokenizer), StopMatcher(job.stop)
-        count, finish = 0, None
-        try:
-            for token in tokens:
-                if job.cancelled.is_set():
-                    finish = "cancelled"
-                    break
-                count += 1
-                if token in model.stop_ids:
-                    finish = "stop"
-                    break
-                text, hit = stopper.push(detok.add(token))
-                if text:
-                    job.post("text", text)
-                if hit:
-                    finish = "stop"
-                    break
-        finally:
-            tokens.close()  # ends the generator (and its timing) right here
-        if finish is None:
-            rest, _ = stopper.push(detok.flush())
-            rest += stopper.flush()
-            if rest:
-                job.post("text", rest)
-            finish = "stop" if stats.finish_reason == "stop" else "length"
-        return Outcome(finish, count, stats, name, queue_time)
+    def _start(self, job: Job) -> None:
+        start = time.perf_counter()
+        stats = GenerationStats(prompt_tokens=len(job.prompt_ids), exact=self.exact)
+        params = SamplingParams(job.temperature, job.top_k, job.top_p)
+        generator = None if job.seed is None else torch.Generator().manual_seed(job.seed)
+        seq = self.decoder.add(job.prompt_ids, params, generator, job.tenant)
+        run = Running(job, seq, Detokenizer(self.model.tokenizer), StopMatcher(job.stop), stats,
+                      start, start - job.created)
+        self.running.append(run)
+        stats.time_to_first_token = time.perf_counter() - start
+        self.metrics.ttft.observe(time.perf_counter() - job.created)
+        self.metrics.generated(1)
+        self._deliver(run, seq.root)
+
+    def _step(self) -> None:
+        rows = len(self.running)
+        for run in self.running:
+            run.batch_size = max(run.batch_size, rows)
+        t0 = time.perf_counter()
+        results = self.decoder.step()
+        self.metrics.step(rows, time.perf_counter() - t0)
+        by_seq = {id(run.seq): run for run in self.running}
+        for seq, token in results:
+            run = by_seq[id(seq)]
+            run.stats.steps += 1
+            run.stats.accepted.append(1)
+            self._deliver(run, token)
+
+    def _deliver(self, run: Running, token: int) -> None:
+        """Turn one new token into text for the client; mark the run finished if it is."""
+        job, stats = run.job, run.stats
+        if job.cancelled.is_set():  # the client is gone: the token is never delivered
+            return
+        run.count += 1
+        stats.new_tokens = run.count
+        stats.total_time = time.perf_counter() - run.start
+        if token in self.model.stop_ids:
+            stats.finish_reason = "stop"
+            return
+        text, hit = run.stopper.push(run.detok.add(token))
+        if text:
+            job.post("text", text)
+        if hit:
+            stats.finish_reason = "stop"
+        elif run.count >= job.max_tokens or run.seq.length + 1 > self.decoder.capacity:
+            stats.finish_reason = "length"
+
+    def _release_done(self) -> None:
+        """Rows of finished, cancelled and overdue requests are freed before the next step."""
+        now = time.perf_counter()
+        for run in list(self.running):
+            job, stats = run.job, run.stats
+            overdue = (self.request_timeout is not None and not stats.finish_reason
+                       and now - job.created > self.request_timeout)
+            if not (stats.finish_reason or job.cancelled.is_set() or overdue):
+                continue
+            self.running.remove(run)
+            self.decoder.remove(run.seq)
+            self.served += 1
+            if job.cancelled.is_set():
+                outcome = self._outcome(run, "cancelled")
+            else:
+                if stats.finish_reason == "length" or overdue:
+                    rest, _ = run.stopper.push(run.detok.flush())
+                    rest += run.stopper.flush()
+                    if rest:
+                        job.post("text", rest)
+                outcome = self._outcome(run, "stop" if stats.finish_reason == "stop" else "length")
+                outcome.time_limit = overdue
+            job.outcome = outcome
+            self.finished.append(outcome)
+            self.metrics.requests.labels("time_limit" if overdue else outcome.finish_reason).inc()
+            job.post("done", outcome)
+
+    def _outcome(self, run: Running, finish: str) -> Outcome:
+        return Outcome(finish, run.count, run.stats, "none", run.queue_time, run.batch_size,
+                       requested_draft=run.job.draft)
+
+    def _end_unstarted(self, job: Job, finish: str) -> None:
+        job.outcome = Outcome(finish, 0, GenerationStats(), "none", 0.0)
+        self.finished.append(job.outcome)
+        self.metrics.requests.labels(finish).inc()
+        self.served += 1
+        job.post("done", job.outcome)
+
+    def _fail_all(self, e: Exception) -> None:
+        print(f"hasten serve: a batched step failed: {type(e).__name__}: {e}", file=sys.stderr,
+              flush=True)
+        for run in list(self.running):
+            self.running.remove(run)
+            self.decoder.remove(run.seq)
+            self.served += 1
+            self.metrics.requests.labels("error").inc()
+            run.job.post("error", e)
