@@ -1,0 +1,114 @@
+"""`hasten serve` batches: requests that arrive while others generate join them at the next step,
+and every answer is the one the request gets alone (bfloat16: exact attention, rows independent
+of the batch). /health and /metrics report the batch."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from hasten.api import Model
+from hasten.models.llama import build_llama
+from hasten.server import create_app
+from test_server import Gate, Server, wait_for
+from tiny import char_tokenizer, hf_reference, tiny_config
+
+CONTEXT = 256
+QUESTIONS = [[{"role": "user", "content": f"Question {i}: {'xyz' * i}"}] for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    tok = char_tokenizer()
+    cfg = tiny_config(vocab_size=len(tok), max_position_embeddings=CONTEXT, bos_token_id=None,
+                      eos_token_ids=(tok.eos_token_id,))
+    weights = {k: v * 10 if v.dim() == 2 else v
+               for k, v in hf_reference(cfg, 0, torch.float32).state_dict().items()}
+    backbone = build_llama(cfg, weights, dtype=torch.bfloat16)  # exact attention
+    return Model(backbone, tok, name="tiny", max_positions=CONTEXT, stop_ids=(tok.eos_token_id,))
+
+
+@pytest.fixture(scope="module")
+def solo(model) -> list[str]:
+    return [model.generate(q, 40, temperature=0) for q in QUESTIONS]
+
+
+def ask(client, messages, stream=False, max_tokens=40):
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=max_tokens,
+                                       temperature=0, stream=stream)
+    if stream:
+        chunks = list(r)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1]
+    return r.choices[0].message.content, r
+
+
+def test_requests_arriving_mid_generation_join_the_batch_with_their_solo_answers(model, solo,
+                                                                                  monkeypatch):
+    assert len(set(solo)) == len(solo) and min(map(len, solo)) >= 10
+    s = Server(create_app(model, log=False, max_batch=4))
+    engine = s.app.state.engine
+    gate = Gate(monkeypatch, engine, after=3)  # the first request holds at its 4th step
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            first = pool.submit(ask, s.client(), QUESTIONS[0])
+            wait_for(lambda: gate.calls > 3, "the first request to reach the gate")
+            rest = [pool.submit(ask, s.client(), q, stream=i % 2 == 1)
+                    for i, q in enumerate(QUESTIONS[1:], 1)]
+            wait_for(lambda: engine.queued == 4, "the others to wait for the step boundary")
+            health = httpx.get(f"{s.url}/health").json()
+            assert (health["active"], health["queued"], health["capacity"]) == (1, 4, 4)
+            gate.opened.set()
+            answers = [first.result(30)] + [f.result(30) for f in rest]
+        assert [text for text, _ in answers] == solo
+        stats = [r.model_extra["hasten"] for _, r in answers]
+        assert stats[0]["max_batch_size"] == 4  # three joined it; the fifth waited for a row
+        assert all(st["max_batch_size"] >= 2 and st["exact"] for st in stats)
+        assert httpx.get(f"{s.url}/health").json()["active"] == 0
+    finally:
+        gate.opened.set()
+        s.stop()
+
+
+def test_metrics_report_tokens_batch_and_requests(model):
+    s = Server(create_app(model, log=False, max_batch=2))
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda q: ask(s.client(), q), QUESTIONS[:3]))
+        r = httpx.post(f"{s.url}/v1/chat/completions", json={"messages": QUESTIONS[0], "n": 2})
+        assert r.status_code == 400
+        text = httpx.get(f"{s.url}/metrics").text
+        values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+                  if line and not line.startswith("#")}
+        assert values["hasten_generated_tokens_total"] == 3 * 40
+        assert values['hasten_requests_total{status="length"}'] == 3
+        assert values["hasten_time_to_first_token_seconds_count"] == 3
+        assert values["hasten_step_batch_size_count"] >= 39  # at least the longest one's steps
+        assert values["hasten_tokens_per_second"] > 0
+        assert values["hasten_batch_size"] == 0 and values["hasten_queue_length"] == 0
+        assert "hasten_accepted_tokens_per_step_bucket" in text
+    finally:
+        s.stop()
+
+
+def test_the_time_limit_ends_a_generation_with_what_it_has(model, monkeypatch):
+    s = Server(create_app(model, log=False, request_timeout=0.3))
+    engine = s.app.state.engine
+    gate = Gate(monkeypatch, engine, after=2)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(ask, s.client(), QUESTIONS[1], max_tokens=200)
+            wait_for(lambda: gate.calls > 2, "the request to reach the gate")
+            time.sleep(0.4)  # held at the gate past its limit, whatever the machine's speed
+            gate.opened.set()
+            text, r = held.result(30)
+        assert r.choices[0].finish_reason == "length" and r.model_extra["hasten"]["time_limit"]
+        n = r.usage.completion_tokens  # the first token + 3 steps (fewer on a slow machine)
+        assert 1 <= n <= 4
+        assert text == model.generate(QUESTIONS[1], n, temperature=0)
+    finally:
+        gate.opened.set()
+        s.stop()
