@@ -16,7 +16,7 @@ from ..errors import HastenError
 # Each names a module `hasten.commands.<name>` whose `register(subparsers)` adds its parser(s)
 # and sets `run` (a function of the parsed arguments) as a default.
 COMMAND_MODULES = ("generate", "bench", "check", "serve", "datastore", "distill", "train", "redteam",
-                   "bitdelta", "finetune")
+                   "bitdelta", "finetune", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
