@@ -292,6 +292,7 @@ def delta_backbone(base: LlamaModel, deltas: list[Delta], initial: bool = False)
         model = LlamaModel(base.config)
     model.load_state_dict(base.state_dict(), assign=True)  # shares the base's storage
     model.eval().requires_grad_(False)
+    model.exact = base.exact  # the base's attention mode (exact in bfloat16)
     if deltas[0].tensors:
         _own_tensors(model, base, deltas[0])
     for i, block in enumerate(model.blocks):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..models.llama import Dense, LlamaModel, rope_inv_freq
-from .pack import sign_matmul
+from .pack import GATHER_MAX_ROWS, sign_matmul
 
 # fused runtime layer -> the Hugging Face weights (relative to model.layers.{i}.) it holds
 FUSED = {
@@ -100,10 +100,15 @@ class DeltaDense(nn.Module):
         if len(route) != x.shape[0]:
             raise ValueError(f"route names {len(route)} tenants for a batch of {x.shape[0]}")
         y = y.clone()
+        # Decode steps (one token per row): a tenant's rows go in chunks the gather kernel
+        # takes, so a row's delta never depends on how many rows of its tenant share the step.
+        chunk = GATHER_MAX_ROWS if x.dim() == 3 and x.shape[1] == 1 else x.shape[0]
         for tenant in sorted(set(route) - {-1}):
             rows = [r for r, k in enumerate(route) if k == tenant]
             packed, scale = self.tenants[tenant]
-            y[rows] += sign_matmul(x[rows], packed, self.in_features) * scale
+            for start in range(0, len(rows), chunk):
+                part = rows[start:start + chunk]
+                y[part] += sign_matmul(x[part], packed, self.in_features) * scale
         return y
 
 

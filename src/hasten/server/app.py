@@ -169,7 +169,7 @@ def create_app(model, api_key: str | None = None, draft: DraftSpec = DraftSpec()
     async def lifespan(app):
         engine.start()
         yield
-        await asyncio.to_thread(engine.stop)
+        await asyncio.to_thread(engine.stop, 2.0)  # a step stuck past that is not waited for
 
     app = FastAPI(title="hasten", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.engine = engine

@@ -170,6 +170,8 @@ class Engine:
                               "model runs on the transformers adapter (use --runtime lean)")
         self.context = min(context or model.max_positions, model.max_positions)
         self.decoder = BatchedDecoder(backbone, max_batch, self.context)
+        # BitDelta tenants: every forward routes each row to its tenant's delta (-1: the base).
+        self.decoder.route_tenants = backbone is not model.backbone
         self.exact = backbone.exact  # rows independent of the batch (see decoding/batched.py)
         self.jobs: queue.Queue = queue.Queue()
         self.running: list[Running] = []
@@ -209,12 +211,12 @@ class Engine:
                 job.cancel()
                 job.post("error", ShuttingDown(why))
 
-    def cancel_running(self) -> None:
-        """End every generating job now: each gets its answer so far, finish "cancelled"
-        (posted from here too, so a stream ends even while the worker is mid-step)."""
+    def cancel_running(self, why: str = "the server is shutting down") -> None:
+        """End every generating job now with an error (posted from here, so a stream ends even
+        while the worker is mid-step); the worker frees the rows at the step boundary."""
         for run in list(self.running):
             run.job.cancel()
-            run.job.post("done", self._outcome(run, "cancelled"))
+            run.job.post("error", ShuttingDown(why))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel the running and queued jobs and end the worker thread."""
