@@ -18,8 +18,9 @@ def register(sub) -> None:
                                    "loaded to check that the heads were trained for it.")
     esub = e.add_subparsers(dest="export_target", required=True)
     m = esub.add_parser("medusa", help="Medusa heads -> vLLM's Medusa draft model",
-                        description="Medusa heads -> vLLM's Medusa draft model (vLLM <= 0.32; "
-                                    "0.33 removed Medusa). vLLM drafts each head's top-1 token.")
+                        description="Medusa heads -> vLLM's Medusa draft model (vLLM 0.6.5 to "
+                                    "0.32; 0.33 removed Medusa). vLLM drafts each head's top-1 "
+                                    "token.")
     _common_args(m, formats=("vllm",), default="vllm")
     m.add_argument("--heads", "--medusa-heads", default=None,
                    help="heads folder (default: the heads hasten finds for --model: next to "

@@ -2,7 +2,8 @@
 EAGLE exporter shares).
 
 vLLM reads (`vllm/model_executor/models/medusa.py`, `transformers_utils/configs/medusa.py`;
-vLLM 0.32.0 is the last release with Medusa, 0.33.0 removed it):
+releases 0.6.5 to 0.32.0: 0.33.0 removed Medusa, 0.6.4 had neither `medusa_fc_bias` nor
+`original_lm_head`):
 
     config.json        model_type "medusa", hidden_size, vocab_size, num_heads,
                        num_hidden_layers (residual blocks per head), truncated_vocab_size,
