@@ -123,7 +123,7 @@ class OracleDrafter:
     def reset(self, prompt, capacity=None):
         self.prompt_len = len(prompt)
 
-    def observe(self, accepted):
+    def observe(self, accepted, hidden=None):
         pass
 
     def propose(self, context, size, hidden=None):

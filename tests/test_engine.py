@@ -24,7 +24,7 @@ class RandomTreeDrafter:
     def reset(self, prompt, capacity=None):
         self.prompt_len = len(prompt)
 
-    def observe(self, accepted):
+    def observe(self, accepted, hidden=None):
         pass
 
     def propose(self, context, budget, hidden=None):

@@ -147,7 +147,7 @@ class Model:
                      seed: int | None = None, draft=None, tree_size: int | None = None,
                      typical: bool = False, ignore_eos: bool = False) -> Iterator[int]:
         """New token ids, streamed. `draft`: None (plain decoding), a drafter name ("lookup",
-        "model", "medusa"), a `DraftSpec` with options (`DraftSpec("rest", datastore=PATH)`)
+        "model", "medusa", "eagle"), a `DraftSpec` with options (`DraftSpec("rest", datastore=PATH)`)
         or a drafter object. `tree_size`: most draft nodes per step; None = chosen each step
         for this hardware from measured verify costs (up to `MAX_TREE_SIZE`). `typical`:
         Medusa's lossy acceptance (opt-in). `ignore_eos`: always generate `max_new_tokens`
@@ -261,12 +261,22 @@ class Model:
 
 
 def load(model: str | None = None, device: str = "cpu", dtype: str | torch.dtype = "float32",
-         runtime: str = "auto", progress: bool = True) -> Model:
+         runtime: str = "auto", progress: bool = True, weights: str = "dense") -> Model:
     """Load a model by spec: None/"smollm2-135m-instruct" (embedded default), a .gguf file, or a
     Hugging Face folder. `runtime`: "lean" (our Llama-family runtime), "hf" (the generic
-    transformers adapter) or "auto" (lean when the architecture allows)."""
-    loaded = load_backbone(model, device, dtype, runtime, progress)
+    transformers adapter) or "auto" (lean when the architecture allows). `weights`: "dense"
+    (every weight dequantized to `dtype`; float32 is the reference) or "compact" (a GGUF's
+    Q4_1 / Q8_0 blocks kept as they are and multiplied by weight-only kernels whose weights
+    are exactly the file's values; float32 activations, CPU)."""
+    loaded = load_backbone(model, device, dtype, runtime, progress, weights)
     result = Model(loaded.backbone, loaded.tokenizer, loaded.name, loaded.max_positions,
                    loaded.stop_ids, folder=loaded.folder)
-    result.choose_attention()
+    if weights == "compact":
+        # Other kernels than the dense model's: measurements are cached under their own name,
+        # and the attention choice is measured (seconds, once per machine) rather than guessed.
+        from .models.quant_kernels import kernel_name
+        result.fingerprint += f"-compact-{kernel_name()}"
+        result.choose_attention(measure=read_cached(result._exactness_file(exact=True)) is None)
+    else:
+        result.choose_attention()
     return result

@@ -1,7 +1,7 @@
 """The methods `hasten bench` compares, each a function `prompt ids -> (new ids, seconds[, info])`.
 
 - `plain`: our runtime, plain decoding (the baseline every speedup is measured against)
-- `lookup`, `model`, `rest`, `medusa`: our speculative engine with that drafter (must match
+- `lookup`, `model`, `rest`, `medusa`, `eagle`: our speculative engine with that drafter (must match
   `plain`), all from one `DraftSpec` of options (`--datastore`, `--draft-model`, ...)
 - peers (`peers.py`): `hf`, `hf-lookup` (transformers), `llamacpp`; each in a process of its
   own (`isolated.py`) unless `isolate=False`
@@ -18,7 +18,7 @@ from .isolated import IsolatedMethod
 from .peers import PEERS, PeerUnavailable, build_peer
 from .runner import Method, timed
 
-OURS = ("plain", "lookup", "model", "rest", "medusa")
+OURS = ("plain", "lookup", "model", "rest", "medusa", "eagle")
 METHODS = OURS + PEERS
 
 

@@ -20,7 +20,7 @@ def register(sub) -> None:
                                    "tokens per step and output mismatches; write JSON + Markdown.")
     add_model_args(b)
     b.add_argument("--methods", default=BENCH_METHODS,
-                   help="comma-separated: plain, lookup, model, rest, medusa (ours), hf, hf-lookup "
+                   help="comma-separated: plain, lookup, model, rest, medusa, eagle (ours), hf, hf-lookup "
                         "(transformers generate), llamacpp (llama-cpp-python, if installed) "
                         "(default: plain,hf,lookup)")
     b.add_argument("--dataset", default="chat",

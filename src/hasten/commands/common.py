@@ -23,6 +23,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", default="auto", choices=("auto", "lean", "hf"),
                    help="lean: our Llama-family runtime; hf: generic transformers adapter; "
                         "auto: lean when the architecture allows (default)")
+    p.add_argument("--weights", default="dense", choices=("dense", "compact"),
+                   help="dense: every weight dequantized to --dtype (float32: the reference); "
+                        "compact: a GGUF's Q4_1 / Q8_0 blocks kept as they are, computed by "
+                        "weight-only kernels with exactly the file's values (float32, CPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
 
 
@@ -35,6 +39,9 @@ def add_draft_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--medusa-heads", default=None,
                    help="medusa: a heads folder (default: next to the model, else the heads "
                         "shipped for it)")
+    p.add_argument("--eagle-head", default=None,
+                   help="eagle: a head folder from `hasten train eagle` (default: next to the "
+                        "model, else the head shipped for it)")
     p.add_argument("--datastore", default=None,
                    help="rest: a datastore built by `hasten datastore build`")
     p.add_argument("--draft-model", default=None,
@@ -51,7 +58,8 @@ def add_draft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default="none", choices=DRAFTERS,
                    help="speculative drafter: none (plain decoding), lookup (n-grams of the prompt "
                         "and output so far), model (a draft model, or the target's own first "
-                        "layers), rest (retrieval from --datastore), medusa (trained heads); "
+                        "layers), rest (retrieval from --datastore), medusa (trained heads), "
+                        "eagle (a trained feature head, dynamic trees); "
                         "output is unchanged, only speed differs")
     add_draft_options(p)
     p.add_argument("--typical", action="store_true",
@@ -65,7 +73,8 @@ def draft_spec(args, name: str | None = None) -> DraftSpec:
         raise HastenError("--tree-size must be >= 0")
     return DraftSpec.of(name or getattr(args, "draft", "none"), draft_model=args.draft_model,
                         draft_layers=args.draft_layers, draft_depth=args.draft_depth,
-                        datastore=args.datastore, medusa_heads=args.medusa_heads)
+                        datastore=args.datastore, medusa_heads=args.medusa_heads,
+                        eagle_head=args.eagle_head)
 
 
 def load_model(args):
@@ -74,7 +83,8 @@ def load_model(args):
     from ..api import load
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load(args.model, device=args.device, dtype=args.dtype, runtime=args.runtime)
+    return load(args.model, device=args.device, dtype=args.dtype, runtime=args.runtime,
+                weights=getattr(args, "weights", "dense"))
 
 
 def read_prompt(arg: str | None) -> str:

@@ -1,4 +1,4 @@
-"""`hasten train medusa | medusa-tree`: Medusa heads on distilled data."""
+"""`hasten train medusa | medusa-tree | eagle`: draft heads on distilled data."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def _model_key(model) -> str:
 
 
 def register(sub) -> None:
-    t = sub.add_parser("train", help="train drafters (Medusa heads)")
+    t = sub.add_parser("train", help="train drafters (Medusa heads, EAGLE heads)")
     tsub = t.add_subparsers(dest="train_target", required=True)
 
     m = tsub.add_parser(
@@ -92,7 +92,41 @@ def register(sub) -> None:
     r.add_argument("--tree-method", default="joint", choices=("joint", "independent"))
     r.add_argument("--draft-vocab", type=int, default=None,
                    help="new draft vocabulary size (0 = full; default: keep)")
+    _register_eagle(tsub)
     t.set_defaults(run=run)
+
+
+def _register_eagle(tsub) -> None:
+    e = tsub.add_parser(
+        "eagle", help="train an EAGLE feature head (one decoder layer over the target's features)",
+        description="The target's last hidden states over the data are computed once (batched, "
+                    "resumable, cached in --cache-dir); then one decoder layer shaped like the "
+                    "target's learns to predict the next feature and the target's next-token "
+                    "distribution (EAGLE-1 loss), optionally unrolled on its own outputs "
+                    "(--unroll, EAGLE-3's training-time test). Rerun the same command to resume. "
+                    "--data sharegpt trains on ShareGPT answers (teacher forcing: no generation).")
+    add_model_args(e)
+    e.add_argument("--data", required=True,
+                   help="distilled JSONL (hasten distill), or 'sharegpt' for ShareGPT answers")
+    e.add_argument("--records", type=int, default=2000,
+                   help="--data sharegpt: how many exchanges (default 2000)")
+    e.add_argument("--out", "-o", type=Path, required=True, help="output folder for the head")
+    e.add_argument("--train-device", default=None, help="device for training (default: --device)")
+    e.add_argument("--epochs", type=float, default=2.0)
+    e.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per step")
+    e.add_argument("--lr", type=float, default=1e-3)
+    e.add_argument("--unroll", type=int, default=2,
+                   help="training-time test steps after the first (0 = EAGLE-1 only)")
+    e.add_argument("--feature-weight", type=float, default=1.0, help="weight of the feature loss")
+    e.add_argument("--token-weight", type=float, default=1.0, help="weight of the token loss")
+    e.add_argument("--holdout", type=int, default=50, help="sequences held out for evaluation")
+    e.add_argument("--max-len", type=int, default=512, help="truncate sequences to this many tokens")
+    e.add_argument("--draft-vocab", type=int, default=8192,
+                   help="draft only the N most frequent answer tokens (0 = full vocabulary)")
+    e.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: --out/cache)")
+    e.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--save-dtype", default="float16", choices=("float16", "bfloat16", "float32"))
 
 
 def run(args) -> None:
@@ -100,6 +134,8 @@ def run(args) -> None:
 
     from ..medusa.data import read_records
 
+    if args.train_target == "eagle":
+        return _run_eagle(args)
     records = read_records(args.data)
     if args.train_target == "medusa-tree":
         model = load_model(args)
@@ -149,3 +185,35 @@ def _pad_id(folder: Path) -> int:
     from ..models.sources import load_tokenizer
     tok = load_tokenizer(folder)
     return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+
+def _run_eagle(args) -> None:
+    import torch
+
+    from ..eagle.train import EagleTrainConfig, run_eagle
+    from ..medusa.data import read_records
+
+    model = load_model(args)
+    if args.data == "sharegpt":
+        from ..eagle.data import sharegpt_records
+
+        def encode(text: str, chat: bool) -> list[int]:
+            return model.encode(text) if chat else model.tokenizer.encode(text, add_special_tokens=False)
+        eos = model.stop_ids[0] if model.stop_ids else None
+        records = sharegpt_records(encode, eos, args.records, args.max_len)
+    else:
+        records = [dict(r, answer_ids=r["answer_ids"][:max(1, args.max_len - len(r["prompt_ids"]))])
+                   for r in read_records(args.data) if len(r["prompt_ids"]) < args.max_len]
+    if len(records) < 2:
+        raise HastenError("need at least 2 records to train and hold one out")
+    cfg = EagleTrainConfig(epochs=args.epochs, batch_tokens=args.batch_tokens, lr=args.lr,
+                           unroll=args.unroll, feature_weight=args.feature_weight,
+                           token_weight=args.token_weight, save_every=args.save_every,
+                           seed=args.seed)
+    device = parse_device(args.train_device) if args.train_device else None
+    record = run_eagle(model.backbone, records, args.out, name=model.name, model_key=_model_key(model),
+                       cfg=cfg, holdout=args.holdout, draft_vocab=args.draft_vocab,
+                       cache_dir=args.cache_dir, device=device,
+                       save_dtype=getattr(torch, args.save_dtype))
+    log(f"EAGLE head written to {args.out}: {record['tokens']} tokens, {record['steps']} steps, "
+        f"{record['seconds']} s; held-out top-1 agreement per depth {record.get('heldout')}")

@@ -44,8 +44,12 @@ class Drafter(Protocol):
         """A tree of at most `size` nodes continuing `context` (prompt + output; its last
         token is the root). `hidden` is the target's last hidden state before the root."""
 
-    def observe(self, accepted: list[int]) -> None:
-        """Tokens appended to the context this step (accepted path + bonus)."""
+    def observe(self, accepted: list[int], hidden: torch.Tensor | None = None) -> None:
+        """Tokens appended to the context this step (accepted path + bonus). `hidden`
+        [n, d]: the target's states at the last n context positions before `accepted`
+        (the positions it committed since the last call: the whole prompt after prefill);
+        the last row produced `accepted[0]`. Feature drafters (EAGLE) pair them with the
+        tokens that follow."""
 
 
 @torch.inference_mode()
@@ -78,7 +82,7 @@ def generate_speculative(backbone: Backbone, drafter: Drafter | None, prompt: li
     context = list(prompt) + [root]
     if drafter is not None:
         drafter.reset(list(prompt), capacity)
-        drafter.observe([root])
+        drafter.observe([root], out.hidden[0])
     shadow: ShadowWalk | None = None
     stats.new_tokens = 1
     stats.time_to_first_token = stats.total_time = time.perf_counter() - start
@@ -107,7 +111,7 @@ def generate_speculative(backbone: Backbone, drafter: Drafter | None, prompt: li
         if tree is None or tree.size == 0:
             out = backbone.forward(torch.tensor([[root]], device=backbone.device))
             backbone.commit()
-            hidden = out.hidden[0, -1]
+            committed = out.hidden[0, -1:]
             path, bonus = [], int(choose(out.logits[0, -1], params, generator))
             t2 = time.perf_counter()
         else:
@@ -116,7 +120,8 @@ def generate_speculative(backbone: Backbone, drafter: Drafter | None, prompt: li
             path, bonus = _accept(tree, out.logits[0], params, generator, typical)
             keep = keep_indices(path)
             backbone.commit(keep)
-            hidden = out.hidden[0, int(keep[-1])]
+            committed = out.hidden[0, keep.to(out.hidden.device)]
+        hidden = committed[-1]
         if sizer:
             sizer.update(tree.max_depth if tree else 0, len(path), tree.size if tree else 0)
         t3 = time.perf_counter()
@@ -127,7 +132,7 @@ def generate_speculative(backbone: Backbone, drafter: Drafter | None, prompt: li
         new = [tree.token_list[i] for i in path] + [bonus]
         stats.accepted.append(len(new))
         if drafter is not None:
-            drafter.observe(new)
+            drafter.observe(new, committed)
             context.extend(new)
         if shadow is not None and shadow.feed(new):
             sizer.shadow(shadow.tree.max_depth, shadow.accepted, shadow.tree.size)

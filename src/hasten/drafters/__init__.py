@@ -14,8 +14,8 @@ def build_drafter(spec: DraftSpec, model):
 
     `model`: `spec.draft_model` (must share the tokenizer), or without one a training-free
     self-draft from the target's first `draft_layers` layers (default: a quarter).
-    `rest`: retrieval from `spec.datastore`. `medusa`: heads from `spec.medusa_heads`, else
-    next to the model, else shipped for the model."""
+    `rest`: retrieval from `spec.datastore`. `medusa` / `eagle`: heads from
+    `spec.medusa_heads` / `spec.eagle_head`, else next to the model, else shipped for it."""
     if spec.plain:
         return None
     if spec.name == "lookup":
@@ -46,4 +46,7 @@ def build_drafter(spec: DraftSpec, model):
     if spec.name == "medusa":
         from ..medusa.drafter import medusa_drafter
         return medusa_drafter(model, spec.medusa_heads)
+    if spec.name == "eagle":
+        from ..eagle.drafter import eagle_drafter
+        return eagle_drafter(model, spec.eagle_head)
     raise HastenError(f"unknown drafter {spec.name!r}; choose one of {', '.join(DRAFTERS)}")

@@ -34,7 +34,7 @@ class ModelDrafter:
         self.draft.reset(1, capacity + self.depth + 1)
         self.fed = 0
 
-    def observe(self, accepted: list[int]) -> None:
+    def observe(self, accepted: list[int], hidden: torch.Tensor | None = None) -> None:
         pass  # the context passed to `propose` carries everything
 
     def propose(self, context: list[int], size: int, hidden: torch.Tensor | None = None) -> DraftTree:

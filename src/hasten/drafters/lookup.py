@@ -35,7 +35,7 @@ class LookupDrafter:
         self.follows = defaultdict(list)
         self.observe(prompt)
 
-    def observe(self, accepted: list[int]) -> None:
+    def observe(self, accepted: list[int], hidden: torch.Tensor | None = None) -> None:
         for tok in accepted:
             # Index the n-grams ending at the previous token: their continuation is `tok`.
             end = len(self.tokens)

@@ -60,7 +60,7 @@ class RestDrafter:
     def reset(self, prompt: list[int], capacity: int | None = None) -> None:
         pass  # stateless: every proposal reads the context it is given
 
-    def observe(self, accepted: list[int]) -> None:
+    def observe(self, accepted: list[int], hidden: torch.Tensor | None = None) -> None:
         pass
 
     def propose(self, context: list[int], size: int,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields, replace
 
 from ..errors import HastenError
 
-DRAFTERS = ("none", "lookup", "model", "rest", "medusa")
+DRAFTERS = ("none", "lookup", "model", "rest", "medusa", "eagle")
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class DraftSpec:
     draft_depth: int = 4  # model: tokens drafted per step
     datastore: str | None = None  # rest: a file from `hasten datastore build`
     medusa_heads: str | None = None  # medusa: a heads folder (default: found for the model)
+    eagle_head: str | None = None  # eagle: a head folder (default: found for the model)
 
     def __post_init__(self):
         if self.name not in DRAFTERS:
@@ -37,14 +38,15 @@ class DraftSpec:
             raise HastenError("the rest drafter needs a datastore: --datastore PATH (API: "
                               "DraftSpec('rest', datastore=PATH); build one with "
                               "`hasten datastore build`)")
-        for option in ("draft_model", "datastore", "medusa_heads"):
+        for option in ("draft_model", "datastore", "medusa_heads", "eagle_head"):
             value = getattr(self, option)
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 raise HastenError(f"{option} must be a path or model spec, got {value!r}")
         if self.datastore is not None:  # a path, normalised so equal files give equal specs
             object.__setattr__(self, "datastore", os.fspath(self.datastore))
-        if self.medusa_heads is not None:
-            object.__setattr__(self, "medusa_heads", os.fspath(self.medusa_heads))
+        for option in ("medusa_heads", "eagle_head"):
+            if getattr(self, option) is not None:
+                object.__setattr__(self, option, os.fspath(getattr(self, option)))
 
     @classmethod
     def of(cls, name: str | None = None, **options) -> DraftSpec:

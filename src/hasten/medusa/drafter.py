@@ -67,7 +67,7 @@ class MedusaDrafter:
     def reset(self, prompt: list[int], capacity: int | None = None) -> None:
         pass
 
-    def observe(self, accepted: list[int]) -> None:
+    def observe(self, accepted: list[int], hidden: torch.Tensor | None = None) -> None:
         pass
 
     def plan(self, size: int) -> _Plan:

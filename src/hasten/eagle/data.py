@@ -1,0 +1,176 @@
+"""Training data for the EAGLE head: token sequences and the target's features over them.
+
+A record is `{"key", "prompt_ids", "answer_ids"}`: a line of `hasten distill` output, or a
+ShareGPT exchange whose answer was written by someone else (`sharegpt_records`: teacher
+forcing over existing answers costs one batched forward per batch, far cheaper than having
+the model write them; the head still learns the *target's* distribution, because its token
+loss is against the target's own prediction at each position, not the data's next token).
+
+The head is trained with the backbone frozen, so the features are computed once (batched,
+resumable) and kept on disk:
+
+    tokens.npy    [N] int32       all sequences (prompt + answer) end to end
+    features.npy  [N, d] float16  f_i: the target's last hidden state (after the final norm)
+    index.npy     [R, 3] int64    per sequence: start, length, prompt length
+    meta.json     what it was built from, progress
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import HastenError
+from ..medusa.data import _fingerprint, _write_json, batches_by_length, lm_hidden_size, padded_forward
+
+
+def sharegpt_records(tokenizer_encode, eos_id: int | None, limit: int, max_len: int,
+                     skip: int = 0, progress: bool = True) -> list[dict]:
+    """Up to `limit` ShareGPT first exchanges as records: `tokenizer_encode(text, chat)` gives
+    the prompt's ids (chat template) and the answer's ids; sequences are cut to `max_len`."""
+    from ..data.datasets import sharegpt_conversations
+    from ..medusa.distill import prompt_key
+    records, seen = [], 0
+    for conv in sharegpt_conversations(progress=progress):
+        turns = conv.get("conversations") or []
+        if len(turns) < 2 or not all(isinstance(t, dict) for t in turns[:2]):
+            continue
+        human, gpt = turns[0], turns[1]
+        if human.get("from") != "human" or gpt.get("from") != "gpt":
+            continue
+        question, answer = human.get("value"), gpt.get("value")
+        if not (isinstance(question, str) and isinstance(answer, str) and question.strip()
+                and answer.strip()):
+            continue
+        seen += 1
+        if seen <= skip:
+            continue
+        prompt = tokenizer_encode(question, True)
+        if len(prompt) >= max_len // 2:
+            continue
+        ids = tokenizer_encode(answer, False) + ([eos_id] if eos_id is not None else [])
+        records.append({"key": prompt_key(question), "prompt_ids": prompt,
+                        "answer_ids": ids[:max_len - len(prompt)]})
+        if len(records) >= limit:
+            break
+    if not records:
+        raise HastenError("no usable ShareGPT exchanges found")
+    return records
+
+
+class FeatureCache:
+    """Memory-mapped sequences and features of a built cache (see the module docstring)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.tokens = np.load(self.folder / "tokens.npy", mmap_mode="r")
+        self.features = np.load(self.folder / "features.npy", mmap_mode="r")
+        self.index = np.load(self.folder / "index.npy")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def sequence(self, i: int) -> tuple[np.ndarray, np.ndarray, int]:
+        start, length, prompt = (int(x) for x in self.index[i])
+        return self.tokens[start:start + length], self.features[start:start + length], prompt
+
+
+def build_features(backbone, records: list[dict], folder: str | Path, model_key: str,
+                   max_tokens: int = 8192, progress: bool = True) -> FeatureCache:
+    """Compute (or reuse, or finish) the feature cache of `records` in `folder`. Resumable:
+    batches are written in place and the progress saved; rerunning continues."""
+    from tqdm import tqdm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = {"data": _fingerprint(records), "model": model_key, "records": len(records)}
+    meta_path = folder / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    lengths = [len(r["prompt_ids"]) + len(r["answer_ids"]) for r in records]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    d = int(lm_hidden_size(backbone))
+    if meta.get("key") != key:  # new or stale: start over
+        meta = {"key": key, "tokens": int(offsets[-1]), "hidden_size": d, "done_batches": 0,
+                "complete": False}
+        tokens = np.lib.format.open_memmap(folder / "tokens.npy", "w+", np.int32, (int(offsets[-1]),))
+        for r, rec in enumerate(records):
+            tokens[offsets[r]:offsets[r + 1]] = rec["prompt_ids"] + rec["answer_ids"]
+        tokens.flush()
+        del tokens
+        index = np.stack([offsets[:-1], np.asarray(lengths),
+                          np.asarray([len(r["prompt_ids"]) for r in records])], axis=1)
+        np.save(folder / "index.npy", index.astype(np.int64))
+        np.lib.format.open_memmap(folder / "features.npy", "w+", np.float16, (int(offsets[-1]), d))
+        _write_json(meta_path, meta)
+    if meta.get("complete"):
+        return FeatureCache(folder)
+    features = np.load(folder / "features.npy", mmap_mode="r+")
+    batches = batches_by_length(lengths, max_tokens)
+    bar = tqdm(total=int(offsets[-1]), desc="target features", unit="tok", unit_scale=True,
+               disable=not progress)
+    bar.update(sum(lengths[i] for b in batches[:meta["done_batches"]] for i in b))
+    for b, batch in enumerate(batches):
+        if b < meta["done_batches"]:
+            continue
+        seqs = [records[i]["prompt_ids"] + records[i]["answer_ids"] for i in batch]
+        out = padded_forward(backbone, seqs)
+        width = out.shape[1]
+        for row, i in enumerate(batch):
+            n = lengths[i]
+            features[offsets[i]:offsets[i] + n] = out[row, width - n:].float().cpu().numpy()
+        if b % 20 == 19 or b == len(batches) - 1:
+            features.flush()
+            meta["done_batches"] = b + 1
+            _write_json(meta_path, meta)
+        bar.update(sum(lengths[i] for i in batch))
+    bar.close()
+    meta["complete"] = True
+    _write_json(meta_path, meta)
+    return FeatureCache(folder)
+
+
+def training_batch(cache: FeatureCache, indices: list[int], unroll: int, device) -> dict:
+    """Right-padded tensors for sequences `indices`:
+
+    tokens [B, L] (pairs use tokens 1..), features [B, L, d] float32, and `answer` [B, L]
+    True where position i's output is trained (it predicts a token of the answer, i >= P - 2,
+    and its targets exist). Unrolled step s trains i where i + 1 + s < length as well."""
+    seqs = [cache.sequence(i) for i in indices]
+    width = max(len(t) for t, _, _ in seqs)
+    d = cache.features.shape[1]
+    tokens = np.zeros((len(seqs), width + unroll), dtype=np.int64)
+    feats = np.zeros((len(seqs), width, d), dtype=np.float32)
+    lengths, prompts = [], []
+    for r, (t, f, p) in enumerate(seqs):
+        tokens[r, :len(t)] = t
+        feats[r, :len(t)] = f
+        lengths.append(len(t))
+        prompts.append(p)
+    return {"tokens": torch.from_numpy(tokens).to(device),
+            "features": torch.from_numpy(feats).to(device),
+            "lengths": torch.tensor(lengths, device=device),
+            "prompts": torch.tensor(prompts, device=device)}
+
+
+def trained_positions(lengths: torch.Tensor, prompts: torch.Tensor, width: int, step: int) -> torch.Tensor:
+    """[B, width] bool: pair i of unroll step `step` is trained (it predicts feature
+    f_{i+1+step}, which must exist, for a token that lies in the answer)."""
+    i = torch.arange(width, device=lengths.device)[None, :]
+    return (i + 1 + step < lengths[:, None]) & (i + 2 + step >= prompts[:, None])
+
+
+def frequent_tokens(cache: FeatureCache, size: int) -> torch.Tensor:
+    """The `size` most frequent answer tokens (the draft vocabulary), sorted by id."""
+    counts = np.zeros(int(cache.tokens.max()) + 1, dtype=np.int64)
+    for start, length, prompt in cache.index:
+        np.add.at(counts, np.asarray(cache.tokens[start + prompt:start + length]), 1)
+    top = np.argsort(-counts, kind="stable")[:size]
+    return torch.from_numpy(np.sort(top)).long()

@@ -1,0 +1,218 @@
+"""The EAGLE drafter: the head autoregresses on the target's features; EAGLE-2 dynamic trees.
+
+    observe(tokens, states)   the target's states for newly committed positions (prefill: the
+                              whole prompt), kept until the next proposal
+    propose(size):
+      catch up      one head forward over the pending pairs (f_q, x_{q+1}), into its cache;
+                    its last output ~ the root's feature -> depth-1 candidates (top-k)
+      expand        per level, the `topk` best frontier nodes by cumulative draft log-prob go
+                    through ONE head forward together (each attends to the committed pairs
+                    and its own ancestors); each gives top-k children
+      rerank        of every candidate, the `size` best by cumulative log-prob (a child never
+                    scores above its parent, so the kept set is a tree)
+
+The head's cache keeps the committed pairs across steps; the tree's entries are dropped at
+the next catch-up (the accepted tokens come back as real pairs with the target's features).
+Drafts are deterministic top-k, so the engine's point-mass rejection rule keeps sampling
+lossless, and greedy output is the target's whatever the head guesses.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ..decoding.tree import DraftTree
+from ..errors import HastenError
+from ..medusa.heads import lm_head_weight
+from .head import EagleCache, EagleHead, LoadedEagle, is_head_folder, load_head
+
+DEPTH = 6  # draft levels
+TOPK = 8  # children per expanded node, and nodes expanded per level
+
+
+class EagleDrafter:
+    name = "eagle"
+
+    def __init__(self, head: EagleHead, embed: torch.Tensor, lm_head: torch.Tensor,
+                 depth: int = DEPTH, topk: int = TOPK, use_draft_vocab: bool = True):
+        """`embed` and `lm_head`: the target's [V, d] embedding and LM head."""
+        self.head = head.eval()
+        self.depth, self.topk = depth, topk
+        dtype = next(head.parameters()).dtype
+        vocab = head.draft_vocab if use_draft_vocab and head.draft_vocab.numel() else None
+        with torch.no_grad():
+            weight = lm_head.detach()
+            if vocab is not None:
+                vocab = vocab.to(weight.device)
+                weight = weight[vocab]
+            self.weight = weight.to(dtype).contiguous()  # [Vd, d]
+        self.vocab = vocab
+        self.embed = embed.detach()
+        self.dtype = dtype
+        self.cache: EagleCache | None = None
+
+    # ---- the drafter protocol -----------------------------------------------------------
+
+    def reset(self, prompt: list[int], capacity: int) -> None:
+        device = self.weight.device
+        self.cache = EagleCache(self.head.config, capacity + 1 + self.topk * self.depth,
+                                self.dtype, device)
+        self.context = list(prompt)
+        self.pending: list[torch.Tensor] = []  # target states not yet fed to the head
+        self.fed = 0  # committed pairs in the head's cache (= their positions 0 .. fed - 1)
+        self.last: torch.Tensor | None = None  # head output of the last committed pair
+
+    def observe(self, accepted: list[int], hidden: torch.Tensor | None = None) -> None:
+        self.context.extend(accepted)
+        if hidden is not None:
+            self.pending.append(hidden.reshape(-1, hidden.shape[-1]))
+
+    @torch.inference_mode()
+    def propose(self, context: list[int], size: int, hidden: torch.Tensor | None = None) -> DraftTree:
+        if size <= 0 or self.cache is None or not self._catch_up():
+            return DraftTree.empty()
+        return self._grow(size)
+
+    # ---- steps --------------------------------------------------------------------------
+
+    def _catch_up(self) -> bool:
+        """Feed the pending states as pairs (f_q, x_{q+1}); False if the head has nothing."""
+        cache = self.cache
+        cache.truncate(self.fed)
+        if self.pending:
+            states = torch.cat(self.pending).to(self.dtype)
+            self.pending = []
+            n = states.shape[0]
+            # The states are those of the n positions before the newest token (see observe).
+            first = len(self.context) - 1 - n
+            if first != self.fed:  # a position missed (should not happen): start over
+                raise HastenError(f"EAGLE drafter out of step: {self.fed} pairs fed, "
+                                  f"states start at {first}")
+            tokens = torch.tensor(self.context[first + 1:first + 1 + n], device=self.weight.device)
+            positions = torch.arange(first, first + n, device=self.weight.device)
+            out = self.head.step(self.embed[tokens].to(self.dtype), states, positions, cache, None)
+            self.fed += n
+            self.last = out[-1]
+        return self.last is not None
+
+    def _logprobs(self, states: torch.Tensor) -> torch.Tensor:
+        return (states @ self.weight.T).float().log_softmax(-1)
+
+    def _ids(self, top: torch.Tensor) -> torch.Tensor:
+        return self.vocab[top] if self.vocab is not None else top
+
+    def _grow(self, size: int) -> DraftTree:
+        k, dev = self.topk, self.weight.device
+        root_pos = len(self.context) - 1
+        # Candidates: token, parent candidate (-1 = the root), depth, cumulative score.
+        lp = self._logprobs(self.last[None])[0]
+        score, top = lp.topk(min(k, lp.numel()))
+        tokens, parents, depths, scores = [self._ids(top)], [torch.full_like(top, -1)], \
+            [torch.ones_like(top)], [score]
+        frontier = torch.arange(top.numel(), device=dev)  # candidate ids of the last level
+        feats = self.last[None].expand(top.numel(), -1)  # parent feature of each frontier node
+        slot = {}  # candidate id -> its entry in the head's cache (expanded nodes only)
+        count = top.numel()
+        for level in range(2, self.depth + 1):
+            if count >= size and float(scores[-1].max()) < float(torch.cat(scores).topk(size).values[-1]):
+                break  # children score below their parents: none could make the cut
+            level_scores = scores[-1]
+            pick = level_scores.topk(min(k, level_scores.numel())).indices
+            chosen = frontier[pick]
+            expand_feats = feats[pick]
+            all_tokens = torch.cat(tokens)
+            all_parents = torch.cat(parents)
+            # Each chosen node sees the committed pairs and its ancestors' entries.
+            base = self.cache.length
+            mask = torch.zeros(len(chosen), base + len(chosen), dtype=torch.bool, device=dev)
+            mask[:, :self.fed] = True
+            for r, c in enumerate(chosen.tolist()):
+                a = int(all_parents[c])
+                while a >= 0:
+                    mask[r, slot[a]] = True
+                    a = int(all_parents[a])
+                mask[r, base + r] = True
+                slot[c] = base + r
+            positions = torch.full((len(chosen),), root_pos + level - 1, device=dev)
+            out = self.head.step(self.embed[all_tokens[chosen]].to(self.dtype), expand_feats,
+                                 positions, self.cache, mask)
+            lp = self._logprobs(out)  # [k', Vd]
+            child_score, child_top = lp.topk(k, dim=-1)
+            child_score = child_score + torch.cat(scores)[chosen][:, None]
+            tokens.append(self._ids(child_top).reshape(-1))
+            parents.append(chosen.repeat_interleave(k))
+            depths.append(torch.full((child_top.numel(),), level, device=dev))
+            scores.append(child_score.reshape(-1))
+            frontier = torch.arange(count, count + child_top.numel(), device=dev)
+            feats = out.repeat_interleave(k, dim=0)
+            count += child_top.numel()
+        return rerank(torch.cat(tokens), torch.cat(parents), torch.cat(depths),
+                      torch.cat(scores), size)
+
+
+def rerank(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,
+           scores: torch.Tensor, size: int) -> DraftTree:
+    """The `size` best candidates by cumulative log-prob as a DraftTree (parents first).
+    Ties go to the shallower node, so a kept node's parent is always kept."""
+    by_depth = torch.sort(depths, stable=True).indices
+    best = by_depth[torch.sort(scores[by_depth], descending=True, stable=True).indices][:size]
+    kept = best[torch.sort(depths[best], stable=True).indices]  # breadth-first, best first
+    where = torch.full((tokens.numel() + 1,), -1, dtype=torch.long, device=tokens.device)
+    where[kept] = torch.arange(kept.numel(), device=tokens.device)
+    new_parents = where[parents[kept]]  # parent -1 reads the last slot, which stays -1
+    return DraftTree(tokens[kept].cpu(), new_parents.cpu())
+
+
+# ---- finding a head for a model ------------------------------------------------------------
+
+def default_head_dirs() -> list[Path]:
+    """Heads shipped inside the package: `hasten/eagle/default/<name>/`."""
+    root = resources.files("hasten.eagle") / "default"
+    try:
+        return sorted(Path(str(p)) for p in root.iterdir() if p.is_dir() and is_head_folder(Path(str(p))))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def find_head(model, head: str | Path | None = None) -> LoadedEagle:
+    """A head for a `hasten.api.Model`: `head` if given, else `<model folder>/eagle/`, else the
+    packaged head whose base model is this one."""
+    name = getattr(model, "name", None)
+    if head is not None:
+        return load_head(head, model.backbone, name)
+    folder = getattr(model, "folder", None)
+    if folder is not None and is_head_folder(Path(folder) / "eagle"):
+        return load_head(Path(folder) / "eagle", model.backbone, name)
+    for candidate in default_head_dirs():
+        try:
+            return load_head(candidate, model.backbone, name)
+        except HastenError:
+            continue
+    raise HastenError(f"no EAGLE head for {name or 'this model'}: train one with `hasten train "
+                      "eagle --out DIR` and pass it (--eagle-head DIR)")
+
+
+def embedding_weight(backbone) -> torch.Tensor:
+    """The [V, d] input embedding of a backbone (lean runtime or transformers adapter)."""
+    embed = getattr(backbone, "embed", None)
+    if embed is not None and hasattr(embed, "weight"):
+        return embed.weight
+    model = getattr(backbone, "model", backbone)
+    if hasattr(model, "get_input_embeddings"):
+        return model.get_input_embeddings().weight
+    raise HastenError(f"cannot find the input embedding of {type(backbone).__name__}")
+
+
+def eagle_drafter(model, head: str | Path | None = None, depth: int | None = None) -> EagleDrafter:
+    """The drafter `build_drafter(DraftSpec("eagle"), model)` returns: the head in the model's
+    dtype on its device."""
+    loaded = find_head(model, head)
+    backbone = model.backbone
+    dtype = backbone.dtype if backbone.dtype in (torch.bfloat16, torch.float16, torch.float32) \
+        else torch.float32
+    module = loaded.head.to(device=backbone.device, dtype=dtype)
+    return EagleDrafter(module, embedding_weight(backbone), lm_head_weight(backbone),
+                        depth=depth or DEPTH)
