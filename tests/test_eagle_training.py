@@ -1,0 +1,113 @@
+"""EAGLE end to end on a tiny model: its own answers -> features -> a trained head that gets
+drafts accepted, while greedy output stays plain greedy token for token."""
+
+from __future__ import annotations
+
+import argparse
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hasten.decoding.engine import generate_speculative
+from hasten.decoding.generate import GenerationStats, generate_plain
+from hasten.eagle.data import build_features, trained_positions
+from hasten.eagle.drafter import EagleDrafter, eagle_drafter
+from hasten.eagle.head import EagleConfig, EagleHead
+from hasten.eagle.train import EagleTrainConfig, evaluate, run_eagle
+from hasten.medusa.data import read_records
+from hasten.medusa.distill import distill_ids
+from hasten.models.llama import build_llama
+from tiny import hf_reference, tiny_config
+
+
+def make_prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(f"p{seed}-{i}", torch.randint(3, 97, (int(torch.randint(3, 12, (1,), generator=g)),),
+                                           generator=g).tolist(), f"text {i}") for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    backbone = build_llama(cfg, hf_reference(cfg, 0, torch.float32).state_dict(), dtype=torch.float32)
+    root = tmp_path_factory.mktemp("eagle")
+    distill_ids(backbone, make_prompts(64), root / "data.jsonl", max_new_tokens=48, batch_size=16,
+                stop_ids=(2,), progress=False)
+    return SimpleNamespace(backbone=backbone, root=root, records=read_records(root / "data.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny):
+    out = tiny.root / "head"
+    cfg = EagleTrainConfig(epochs=40, batch_tokens=2048, lr=1e-2, unroll=1, save_every=50)
+    record = run_eagle(tiny.backbone, tiny.records, out, name="tiny", model_key="tiny", cfg=cfg,
+                       holdout=6, draft_vocab=0, progress=False)
+    return SimpleNamespace(out=out, record=record)
+
+
+def test_feature_cache_holds_the_backbones_states(tiny, tmp_path):
+    cache = build_features(tiny.backbone, tiny.records[:5], tmp_path / "c", "tiny", progress=False)
+    tokens, feats, prompt = cache.sequence(2)
+    rec = tiny.records[2]
+    assert tokens.tolist() == rec["prompt_ids"] + rec["answer_ids"]
+    assert prompt == len(rec["prompt_ids"])
+    tiny.backbone.reset(1, 128)
+    states = tiny.backbone.forward(torch.tensor([tokens.tolist()])).hidden[0]
+    torch.testing.assert_close(torch.from_numpy(feats.astype("float32")), states, atol=2e-3, rtol=2e-3)
+    again = build_features(tiny.backbone, tiny.records[:5], tmp_path / "c", "tiny", progress=False)
+    assert again.meta["complete"] and again.num_tokens == cache.num_tokens
+
+
+def test_trained_positions_cover_answers_only():
+    mask = trained_positions(torch.tensor([6]), torch.tensor([3]), 5, 0)
+    # Pair i predicts token i + 2 (answer tokens start at 3) and needs f_{i+1} (i + 1 < 6).
+    assert mask[0].tolist() == [False, True, True, True, True]
+    mask = trained_positions(torch.tensor([6]), torch.tensor([3]), 5, 1)
+    assert mask[0].tolist() == [True, True, True, True, False]
+
+
+def test_training_raises_agreement_and_drafts_get_accepted(tiny, trained):
+    held = trained.record["heldout"]
+    assert held["acc1"] > 0.4, held
+    # An untrained head of the same shape agrees far less often.
+    head = EagleHead(EagleConfig.like(tiny.backbone.config))
+    from hasten.eagle.data import FeatureCache
+    from hasten.eagle.train import SubsetCache, split_cache_indices
+    cache = FeatureCache(trained.out / "cache")
+    _, held_ids = split_cache_indices(cache, 6)
+    fresh = evaluate(head, SubsetCache(cache, held_ids), tiny.backbone.embed.weight.float(),
+                     tiny.backbone.lm_head.weight.float(), EagleTrainConfig(unroll=1), torch.device("cpu"))
+    assert held["acc1"] > fresh["acc1"] + 0.2
+
+    model = SimpleNamespace(backbone=tiny.backbone, name="tiny", folder=None)
+    drafter = eagle_drafter(model, trained.out)
+    untrained = EagleDrafter(head, tiny.backbone.embed.weight, tiny.backbone.lm_head.weight)
+    gains = {"trained": [], "untrained": []}
+    for _, prompt, _ in make_prompts(5, seed=11):
+        plain = list(generate_plain(tiny.backbone, prompt, 40, stop_ids=(2,)))
+        for label, d in (("trained", drafter), ("untrained", untrained)):
+            stats = GenerationStats()
+            out = list(generate_speculative(tiny.backbone, d, prompt, 40, stop_ids=(2,),
+                                            tree_size=16, stats=stats))
+            assert out == plain
+            gains[label].append(stats.mean_accepted)
+    trained_mean = sum(gains["trained"]) / 5
+    assert trained_mean > 2.0 and trained_mean > sum(gains["untrained"]) / 5 + 0.5, gains
+
+
+def test_a_head_of_another_model_is_refused(tiny, trained):
+    cfg = tiny_config()
+    other = build_llama(cfg, hf_reference(cfg, 9, torch.float32).state_dict(), dtype=torch.float32)
+    from hasten.errors import HastenError
+    with pytest.raises(HastenError, match="trained for tiny"):
+        eagle_drafter(SimpleNamespace(backbone=other, name="other", folder=None), trained.out)
+
+
+def test_cli_parses_train_eagle():
+    from hasten.commands import train
+    parser = argparse.ArgumentParser()
+    train.register(parser.add_subparsers())
+    args = parser.parse_args(["train", "eagle", "--data", "sharegpt", "--out", "x", "--unroll", "0"])
+    assert args.train_target == "eagle" and args.unroll == 0 and args.draft_vocab == 8192
