@@ -37,16 +37,18 @@ class KeyPlan(NamedTuple):
     tail_hidden: torch.Tensor  # bool [T, W / BLOCK, 1, BLOCK]: True past the query's own keys
 
 
-def plan_keys(mask: torch.Tensor | None, start: int, t: int, device) -> KeyPlan:
+def plan_keys(mask: torch.Tensor | None, start: int, t: int, device, share: bool = True) -> KeyPlan:
     """The plan for `t` queries after `start` committed slots; `mask` [t, start + t] (True =
     may attend) or None for plain causal. Slots a query attends, in slot order, are its
-    logical keys (trees are stored parents first, so ancestors come in order)."""
+    logical keys (trees are stored parents first, so ancestors come in order). `share=False`
+    gathers every query's keys: its score matmuls then have G rows whatever `t` is, which
+    float32 needs (MKL rounds a row of a 3-row and of a 3t-row product differently)."""
     if mask is None:
         mask = torch.ones(t, start + t, dtype=torch.bool, device=device).tril(diagonal=start)
     counts = mask.sum(-1)  # keys per query = its position + 1
     # Blocks below the committed length are seen in full by every query: computed once for all
     # queries. For a plain step (one row and its copy) gathering everything costs fewer ops.
-    shared = (start // BLOCK) * BLOCK if t > 2 else 0
+    shared = (start // BLOCK) * BLOCK if t > 2 and share else 0
     width = max(BLOCK, -(-(int(counts.max()) - shared) // BLOCK) * BLOCK)
     logical = mask.long().cumsum(-1) - 1  # logical index of each attended slot
     slots = torch.arange(mask.shape[-1], device=device).expand_as(mask)

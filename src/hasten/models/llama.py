@@ -157,14 +157,19 @@ class LlamaModel(nn.Module):
         # depend on whether it was decoded alone or verified in a tree. False: SDPA throughout.
         # `build_llama` turns it on for bfloat16 / float16 (see `hasten.api.Model.choose_attention`).
         self.exact = False
+        # Exact attention computes the committed past's blocks once for all tree nodes; False
+        # gathers them per node (see `plan_keys`: what float32 needs to stay exact).
+        self.share_past_blocks = True
 
+    # The final norm's weight, not the embedding's: compact weights keep the embedding as
+    # quantized blocks (see `compact.py`) but always compute in the norm's dtype.
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return self.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        return self.norm.weight.dtype
 
     # ---- weights -------------------------------------------------------------------------
 
@@ -268,7 +273,8 @@ class LlamaModel(nn.Module):
         cos, sin = self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)
         plan = None
         if self.exact and b == 1 and start > 0:  # prefill stays on SDPA: both runs share it
-            plan = plan_keys(None if mask is None else mask[0], start, t, self.device)
+            plan = plan_keys(None if mask is None else mask[0], start, t, self.device,
+                             self.share_past_blocks)
         elif mask is None and start > 0 and t > 1:
             mask = causal_mask(start, t, self.device).expand(b, t, start + t)
         if mask is not None:

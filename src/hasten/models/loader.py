@@ -23,6 +23,9 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float64": torch.float64}
 RUNTIMES = ("auto", "lean", "hf")
+# "dense": every weight dequantized to the dtype (the float32 reference); "compact": the GGUF
+# file's Q4_1 / Q8_0 blocks kept as they are, float32 activations (see `compact.py`).
+WEIGHTS = ("dense", "compact")
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -60,14 +63,19 @@ class LoadedModel:
 
 def load_backbone(spec: str | None = None, device: str | torch.device = "cpu",
                   dtype: str | torch.dtype = "float32", runtime: str = "auto",
-                  progress: bool = True) -> LoadedModel:
+                  progress: bool = True, weights: str = "dense") -> LoadedModel:
     """Load a model by spec (see `sources.resolve_model`). `runtime`: "lean" (our Llama-family
     runtime), "hf" (the generic transformers adapter) or "auto" (lean when the architecture
-    allows)."""
+    allows). `weights`: "dense" or "compact" (a GGUF's quantized blocks, lean runtime, float32
+    on the CPU)."""
     if runtime not in RUNTIMES:
         raise HastenError(f"unknown runtime {runtime!r}; choose auto, lean or hf")
+    if weights not in WEIGHTS:
+        raise HastenError(f"unknown weights {weights!r}; choose dense or compact")
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
     resolved = resolve_model(spec, progress=progress)
+    if weights == "compact":
+        return _load_compact(resolved, torch_dtype, torch_device, runtime)
     config = json.loads((resolved.folder / "config.json").read_text())
     if runtime == "lean" and not resolved.lean:
         raise HastenError(f"{resolved.name} ({config.get('model_type')}) is not a Llama-family "
@@ -81,6 +89,24 @@ def load_backbone(spec: str | None = None, device: str | torch.device = "cpu",
         backbone = HFBackbone.from_folder(resolved.folder, torch_dtype, torch_device)
         max_positions = config.get("max_position_embeddings") or 4096
     return LoadedModel(backbone, tokenizer, resolved.name, max_positions,
+                       stop_ids(config, tokenizer), resolved.folder)
+
+
+def _load_compact(resolved, dtype: torch.dtype, device: torch.device, runtime: str) -> LoadedModel:
+    from .compact import build_compact_llama
+
+    if resolved.gguf is None or not resolved.lean or runtime == "hf":
+        raise HastenError("--weights compact needs a Llama-family GGUF file on the lean runtime "
+                          f"({resolved.name} is not one); use --weights dense")
+    if dtype != torch.float32 or device.type != "cpu":
+        raise HastenError("--weights compact computes in float32 on the CPU; drop --dtype / "
+                          "--device or use --weights dense")
+    config = json.loads((resolved.folder / "config.json").read_text())
+    cfg = LlamaConfig.from_hf_dict(config)
+    backbone, summary = build_compact_llama(cfg, resolved.gguf)
+    backbone.compact_summary = summary
+    tokenizer = load_tokenizer(resolved.folder)
+    return LoadedModel(backbone, tokenizer, resolved.name, cfg.max_position_embeddings,
                        stop_ids(config, tokenizer), resolved.folder)
 
 

@@ -52,22 +52,24 @@ class ResolvedModel:
     name: str     # display name, e.g. "smollm2-135m-instruct"
     source: str   # "default" | "gguf" | "hf-folder"
     lean: bool    # config.json's model_type is one the lean Llama runtime implements
+    gguf: Path | None = None  # the GGUF file it was converted from (compact weights read it)
 
 
 def resolve_model(spec: str | os.PathLike | None = None, progress: bool = True) -> ResolvedModel:
     """Turn a model spec into a local Hugging Face-format folder (converting once if needed)."""
     if spec is None or str(spec) == DEFAULT_MODEL:
-        folder = _gguf_entry(default_gguf_path(progress), progress)
-        return _resolved(folder, DEFAULT_MODEL, "default")
+        gguf = default_gguf_path(progress)
+        return _resolved(_gguf_entry(gguf, progress), DEFAULT_MODEL, "default", gguf)
     if str(spec) == "gemma3-270m":  # a second real model, for the generic adapter
         from .gemma_package import gemma3_gguf_path
-        return _resolved(_gguf_entry(gemma3_gguf_path(progress), progress), str(spec), "gguf")
+        gguf = gemma3_gguf_path(progress)
+        return _resolved(_gguf_entry(gguf, progress), str(spec), "gguf", gguf)
     path = Path(spec).expanduser()
     if path.is_dir():
         _check_hf_folder(path)
         return _resolved(path, path.resolve().name, "hf-folder")
     if path.is_file():
-        return _resolved(_gguf_entry(path, progress), path.name.removesuffix(".gguf"), "gguf")
+        return _resolved(_gguf_entry(path, progress), path.name.removesuffix(".gguf"), "gguf", path)
     if os.sep in str(spec) or "/" in str(spec) or str(spec).endswith(".gguf"):
         raise ModelSourceError(f"model path {str(spec)!r} does not exist; check the path")
     raise ModelSourceError(f"unknown model {str(spec)!r}: give {DEFAULT_MODEL!r}, 'gemma3-270m', "
@@ -190,12 +192,13 @@ def _check_hf_folder(folder: Path) -> None:
                                "save the model with save_pretrained (safetensors is the default)")
 
 
-def _resolved(folder: Path, name: str, source: str) -> ResolvedModel:
+def _resolved(folder: Path, name: str, source: str, gguf: Path | None = None) -> ResolvedModel:
     try:
         model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     except (OSError, ValueError) as exc:
         raise ModelSourceError(f"cannot read {folder / 'config.json'}: {exc}") from exc
-    return ResolvedModel(folder=folder, name=name, source=source, lean=model_type in LLAMA_FAMILY)
+    return ResolvedModel(folder=folder, name=name, source=source, lean=model_type in LLAMA_FAMILY,
+                         gguf=gguf)
 
 
 # ---- the GGUF cache ---------------------------------------------------------------------------

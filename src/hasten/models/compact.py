@@ -1,0 +1,169 @@
+"""Compact weights: the lean runtime over a GGUF file's quantized blocks, kept as they are.
+
+`build_compact_llama(cfg, gguf_path)` builds the same `LlamaModel` as `build_llama`, but every
+Q4_1 / Q8_0 matrix stays in memory as the file's blocks (5 and 8.5 bits per weight instead of
+32) and is multiplied by `quant_kernels.block_matmul`, whose weights are exactly the file's
+dequantized values. Activations, norms, the KV cache and attention stay float32, so the model
+computes the same function as the float32 reference (`build_llama` on the dequantized file);
+only the order of the float32 sums inside a matmul differs.
+
+Tensors of other types (F32, F16, Q4_K, Q6_K, ...) are dequantized to float32 as the
+reference does, and `CompactSummary` says how many weights stayed compact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ModelSourceError
+from .config import LlamaConfig
+from .gguf_convert import (_ROPE_FREQS, PERMUTED_ARCHS, _dequantize, architecture, hf_tensor_name,
+                           open_gguf, unpermute_rope_rows)
+from .llama import Dense, LlamaModel
+from .quant_kernels import BLOCK, BLOCK_BYTES, block_matmul, dequantize_blocks
+
+
+class QuantDense(nn.Module):
+    """`x @ W.T + b` with W [out, in] held as GGUF blocks [out, in / 32 * bytes] (uint8)."""
+
+    def __init__(self, blocks: torch.Tensor, kind: str, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.kind = kind
+        self.register_buffer("blocks", blocks, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.out_features = blocks.shape[0]
+        self.in_features = blocks.shape[1] // BLOCK_BYTES[kind] * BLOCK
+
+    @property
+    def weight_t(self) -> torch.Tensor:
+        """[in, out] float32, dequantized on demand (for code that inspects weights)."""
+        return dequantize_blocks(self.blocks, self.kind).t()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return dequantize_blocks(self.blocks, self.kind)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = block_matmul(x, self.blocks, self.kind)
+        return y if self.bias is None else y + self.bias
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding rows dequantized as they are looked up (the same bits as the float32 table)."""
+
+    def __init__(self, blocks: torch.Tensor, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.register_buffer("blocks", blocks, persistent=False)
+        self.embedding_dim = blocks.shape[1] // BLOCK_BYTES[kind] * BLOCK
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return dequantize_blocks(self.blocks, self.kind)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = dequantize_blocks(self.blocks.index_select(0, ids.reshape(-1)), self.kind)
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+
+@dataclass
+class CompactSummary:
+    compact_weights: int = 0  # weights kept as quantized blocks
+    dense_weights: int = 0    # weights dequantized to float32 (types without a kernel)
+    kinds: dict[str, int] = field(default_factory=dict)  # GGUF type -> tensors kept compact
+
+    @property
+    def compact_fraction(self) -> float:
+        total = self.compact_weights + self.dense_weights
+        return self.compact_weights / total if total else 0.0
+
+
+class _Matrix:
+    """One GGUF matrix in HF orientation [out, in]: blocks when a kernel reads its type."""
+
+    def __init__(self, tensor, rows_permuted_for: int | None):
+        self.kind = tensor.tensor_type.name
+        if self.kind in BLOCK_BYTES:
+            data = torch.from_numpy(np.array(tensor.data))  # a copy: the file map can go
+        else:
+            data = _dequantize(tensor)
+        if rows_permuted_for:  # q/k rows: a row permutation moves whole rows of blocks too
+            data = unpermute_rope_rows(data, rows_permuted_for)
+        self.data = data
+
+    @property
+    def compact(self) -> bool:
+        return self.kind in BLOCK_BYTES
+
+    def float32(self) -> torch.Tensor:
+        return dequantize_blocks(self.data, self.kind) if self.compact else self.data
+
+
+def _linear(parts: list[_Matrix], bias: torch.Tensor | None, summary: CompactSummary) -> nn.Module:
+    """One fused layer from matrices stacked along `out`: compact if they share a kernel type."""
+    if all(p.compact for p in parts) and len({p.kind for p in parts}) == 1:
+        blocks = parts[0].data if len(parts) == 1 else torch.cat([p.data for p in parts])
+        layer = QuantDense(blocks, parts[0].kind, bias)
+        summary.compact_weights += layer.in_features * layer.out_features
+        summary.kinds[parts[0].kind] = summary.kinds.get(parts[0].kind, 0) + len(parts)
+        return layer
+    w = torch.cat([p.float32() for p in parts])
+    layer = Dense(w.shape[1], w.shape[0], bias=bias is not None)
+    layer.weight_t = nn.Parameter(w.t().contiguous(), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias, requires_grad=False)
+    summary.dense_weights += w.numel()
+    return layer
+
+
+def build_compact_llama(cfg: LlamaConfig, gguf_path: str | Path) -> tuple[LlamaModel, CompactSummary]:
+    """The lean runtime (float32 activations, CPU) over the GGUF file's blocks."""
+    reader = open_gguf(gguf_path)
+    arch = architecture(reader)
+    tensors = {hf_tensor_name(t.name): t for t in reader.tensors if t.name != _ROPE_FREQS}
+    permuted = arch in PERMUTED_ARCHS
+
+    def matrix(name: str, heads: int | None = None) -> _Matrix:
+        if name not in tensors:
+            raise ModelSourceError(f"{gguf_path} lacks {name}; the file does not fit its config")
+        return _Matrix(tensors[name], heads if permuted else None)
+
+    def vector(name: str) -> nn.Parameter:
+        return nn.Parameter(_dequantize(tensors[name]), requires_grad=False)
+
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+    summary = CompactSummary()
+    for i, block in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        att, mlp = p + "self_attn.", p + "mlp."
+        block.attn_norm.weight = vector(p + "input_layernorm.weight")
+        block.mlp_norm.weight = vector(p + "post_attention_layernorm.weight")
+        bias = (torch.cat([_dequantize(tensors[att + n + "_proj.bias"]) for n in "qkv"])
+                if cfg.attention_bias else None)
+        block.wqkv = _linear([matrix(att + "q_proj.weight", cfg.num_heads),
+                              matrix(att + "k_proj.weight", cfg.num_kv_heads),
+                              matrix(att + "v_proj.weight")], bias, summary)
+        block.wo = _linear([matrix(att + "o_proj.weight")], None, summary)
+        block.w_gate_up = _linear([matrix(mlp + "gate_proj.weight"), matrix(mlp + "up_proj.weight")],
+                                  None, summary)
+        block.w_down = _linear([matrix(mlp + "down_proj.weight")], None, summary)
+    model.norm.weight = vector("model.norm.weight")
+    embed = matrix("model.embed_tokens.weight")
+    if embed.compact:
+        model.embed = QuantEmbedding(embed.data, embed.kind)
+    else:
+        model.embed = nn.Embedding.from_pretrained(embed.data, freeze=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head = _linear([embed], None, summary)  # shares the embedding's blocks
+    else:
+        model.lm_head = _linear([matrix("lm_head.weight")], None, summary)
+    # The kernels' rows do not depend on the row count, and per-node attention keeps float32
+    # attention exact too: measured by `Model.choose_attention` before it is switched on.
+    model.share_past_blocks = False
+    return model.eval().requires_grad_(False), summary

@@ -1,0 +1,167 @@
+// y = x @ W.T for W stored as GGUF blocks (Q4_1, Q8_0), x float32: weight-only kernels whose
+// weights are exactly the file's dequantized values (gguf's numpy dequantizer, bit for bit).
+//
+// Row invariance by construction: every output y[r, n] is one fixed sequence of float32
+// operations over row r of x and row n of W (two 16-lane accumulators over the K blocks, then
+// one horizontal sum), whatever the row count M and however rows are tiled or threads split
+// N. So a token verified among many rows gets the bits a one-row plain step gets.
+//
+// Built once per machine by hasten.models.quant_kernels (-march=native); without AVX-512 the
+// scalar loop below runs (the same values per row; other bits than the AVX-512 path).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <cstdint>
+#include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t QK = 32;         // weights per block
+constexpr int64_t Q4_1_BYTES = 20; // fp16 d, fp16 m, 16 bytes of nibbles: q[j] low, q[j+16] high
+constexpr int64_t Q8_0_BYTES = 34; // fp16 d, 32 int8
+
+inline float half_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+#if defined(__AVX512F__)
+// The 32 weights of one block as two vectors (weights 0..15, 16..31).
+inline void dequant_q4_1(const uint8_t* blk, __m512& w0, __m512& w1) {
+  const __m512 d = _mm512_set1_ps(half_at(blk));
+  const __m512 m = _mm512_set1_ps(half_at(blk + 2));
+  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4)));
+  const __m512i lo = _mm512_and_si512(bytes, _mm512_set1_epi32(0x0F));
+  const __m512i hi = _mm512_srli_epi32(bytes, 4);
+  // d * q is exact in float32 (11 x 4 bits): the fma rounds d * q + m once, as numpy does.
+  w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), d, m);
+  w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), d, m);
+}
+
+inline void dequant_q8_0(const uint8_t* blk, __m512& w0, __m512& w1) {
+  const __m512 d = _mm512_set1_ps(half_at(blk));
+  const __m128i* q = reinterpret_cast<const __m128i*>(blk + 2);
+  w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))), d);
+  w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))), d);
+}
+
+// R rows of x against one weight row: y[r * ldy] = sum_k x[r, k] * w[k].
+template <int R, void (*Dequant)(const uint8_t*, __m512&, __m512&), int64_t BYTES>
+inline void dot_rows(const float* x, int64_t ldx, const uint8_t* wrow, int64_t nb, float* y,
+                     int64_t ldy) {
+  __m512 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512 w0, w1;
+    Dequant(wrow + b * BYTES, w0, w1);
+    const float* xb = x + b * QK;
+    for (int r = 0; r < R; ++r) {
+      a0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xb + r * ldx), w0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xb + r * ldx + 16), w1, a1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+}
+
+template <void (*Dequant)(const uint8_t*, __m512&, __m512&), int64_t BYTES>
+void tile(const float* x, int64_t ldx, int rows, const uint8_t* wrow, int64_t nb, float* y,
+          int64_t ldy) {
+  switch (rows) {
+    case 1: dot_rows<1, Dequant, BYTES>(x, ldx, wrow, nb, y, ldy); break;
+    case 2: dot_rows<2, Dequant, BYTES>(x, ldx, wrow, nb, y, ldy); break;
+    case 3: dot_rows<3, Dequant, BYTES>(x, ldx, wrow, nb, y, ldy); break;
+    case 4: dot_rows<4, Dequant, BYTES>(x, ldx, wrow, nb, y, ldy); break;
+    case 5: dot_rows<5, Dequant, BYTES>(x, ldx, wrow, nb, y, ldy); break;
+    case 6: dot_rows<6, Dequant, BYTES>(x, ldx, wrow, nb, y, ldy); break;
+    case 7: dot_rows<7, Dequant, BYTES>(x, ldx, wrow, nb, y, ldy); break;
+    default: dot_rows<8, Dequant, BYTES>(x, ldx, wrow, nb, y, ldy); break;
+  }
+}
+#endif
+
+// The scalar reference: weights computed as the AVX-512 path does, summed in order.
+float scalar_dot(const float* x, const uint8_t* wrow, int64_t nb, bool q4_1) {
+  float acc = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wrow + b * (q4_1 ? Q4_1_BYTES : Q8_0_BYTES);
+    const float d = half_at(blk);
+    for (int64_t j = 0; j < QK; ++j) {
+      float w;
+      if (q4_1) {
+        const uint8_t byte = blk[4 + (j & 15)];
+        w = std::fma(static_cast<float>(j < 16 ? (byte & 15) : (byte >> 4)), d, half_at(blk + 2));
+      } else {
+        w = static_cast<float>(static_cast<int8_t>(blk[2 + j])) * d;
+      }
+      acc = std::fma(x[b * QK + j], w, acc);
+    }
+  }
+  return acc;
+}
+
+torch::Tensor block_matmul(const torch::Tensor& x, const torch::Tensor& blocks, bool q4_1) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
+              "x must be a contiguous float32 [M, K] tensor");
+  TORCH_CHECK(blocks.scalar_type() == torch::kUInt8 && blocks.dim() == 2 && blocks.is_contiguous(),
+              "blocks must be contiguous uint8 [N, K / 32 * block bytes]");
+  const int64_t bytes = q4_1 ? Q4_1_BYTES : Q8_0_BYTES;
+  const int64_t M = x.size(0), K = x.size(1), N = blocks.size(0), nb = K / QK;
+  TORCH_CHECK(K % QK == 0 && blocks.size(1) == nb * bytes, "x and blocks disagree on K");
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* wp = blocks.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t row_bytes = nb * bytes;
+  // Split N across threads in chunks small enough that a chunk's weights stay in L2 while
+  // every row tile passes over them.
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    constexpr int64_t CHUNK = 64;
+    for (int64_t c0 = n0; c0 < n1; c0 += CHUNK) {
+      const int64_t c1 = std::min(n1, c0 + CHUNK);
+      for (int64_t r0 = 0; r0 < M; r0 += 8) {
+        const int rows = static_cast<int>(std::min<int64_t>(8, M - r0));
+        for (int64_t n = c0; n < c1; ++n) {
+          const uint8_t* wrow = wp + n * row_bytes;
+#if defined(__AVX512F__)
+          if (q4_1)
+            tile<dequant_q4_1, Q4_1_BYTES>(xp + r0 * K, K, rows, wrow, nb, yp + r0 * N + n, N);
+          else
+            tile<dequant_q8_0, Q8_0_BYTES>(xp + r0 * K, K, rows, wrow, nb, yp + r0 * N + n, N);
+#else
+          for (int r = 0; r < rows; ++r)
+            yp[(r0 + r) * N + n] = scalar_dot(xp + (r0 + r) * K, wrow, nb, q4_1);
+#endif
+        }
+      }
+    }
+  });
+  return y;
+}
+
+torch::Tensor q4_1_matmul(const torch::Tensor& x, const torch::Tensor& blocks) {
+  return block_matmul(x, blocks, true);
+}
+
+torch::Tensor q8_0_matmul(const torch::Tensor& x, const torch::Tensor& blocks) {
+  return block_matmul(x, blocks, false);
+}
+
+bool has_avx512() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("q4_1_matmul", &q4_1_matmul, "x [M, K] float32 @ Q4_1 blocks [N, K/32*20] -> [M, N]");
+  m.def("q8_0_matmul", &q8_0_matmul, "x [M, K] float32 @ Q8_0 blocks [N, K/32*34] -> [M, N]");
+  m.def("has_avx512", &has_avx512, "whether the AVX-512 path was compiled");
+}

@@ -1,0 +1,124 @@
+"""Matmuls over GGUF quantized blocks (Q4_1, Q8_0) kept as they are in the file.
+
+`block_matmul(x, blocks, kind)` is `x @ W.T` for W the file's dequantized values, exactly (the
+numbers gguf's dequantizer gives, bit for bit), without ever holding W in float32:
+
+  - the compiled kernel (`kernels/quant_matmul.cpp`, AVX-512 where the CPU has it), built once
+    per machine with torch's C++ extension tools into `cache_root()/kernels/`; every output row
+    is computed by the same instructions whatever the row count, so verify rows equal plain
+    ones bit for bit;
+  - else a pure-torch fallback that dequantizes per call (exact weights, slow, the row
+    behaviour of the float32 matmul underneath).
+
+torch's own weight-only kernels do not fit (measured on torch 2.13, AMD EPYC and Intel Xeon):
+`_weight_int4pack_mm_for_cpu` holds Q4_1 exactly with float32 scales (zero = m + 8 d) but its
+float32 path is scalar, ~10x slower than a float32 matmul; with bfloat16 activations it is fast
+but its bfloat16 scales cannot hold the file's float16 d and m (weights off by up to 1e-3);
+`_weight_int8pack_mm` has one scale per output channel, not one per 32-weight block (Q8_0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from ..paths import cache_root
+
+BLOCK = 32  # weights per GGUF block (Q4_1, Q8_0)
+BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
+SOURCE = Path(__file__).with_name("kernels") / "quant_matmul.cpp"
+
+_lock = threading.Lock()
+_module = None
+_failure: str | None = None
+
+
+def dequantize_blocks(blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """[N, K / 32 * bytes] uint8 GGUF blocks -> float32 [N, K], the same bits as gguf's numpy
+    dequantizer (d * q is exact in float32, so d * q + m rounds once either way)."""
+    n = blocks.shape[0]
+    b = blocks.reshape(n, -1, BLOCK_BYTES[kind])
+    d = b[..., 0:2].contiguous().view(torch.float16).float()  # [N, nb, 1]
+    if kind == "Q8_0":
+        q = b[..., 2:].contiguous().view(torch.int8).float()
+        return (q * d).reshape(n, -1)
+    m = b[..., 2:4].contiguous().view(torch.float16).float()
+    nibbles = b[..., 4:]
+    q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=-1).float()  # weights 0..15, 16..31
+    return (d * q + m).reshape(n, -1)
+
+
+def kernel_module():
+    """The compiled extension, built on first use (about a minute, once per machine), or None
+    when it cannot be built here (no compiler, no ninja, HASTEN_NO_KERNELS=1): callers then use
+    the pure-torch fallback. The reason is in `kernel_failure()`."""
+    global _module, _failure
+    with _lock:
+        if _module is None and _failure is None:
+            try:
+                _module = _build()
+            except Exception as exc:  # a missing compiler surfaces as many kinds of error
+                _failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        return _module
+
+
+def kernel_failure() -> str | None:
+    return _failure
+
+
+def _build():
+    if os.environ.get("HASTEN_NO_KERNELS"):
+        raise RuntimeError("HASTEN_NO_KERNELS is set")
+    from torch.utils.cpp_extension import load
+
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + torch.__version__.encode() + _cpu_id().encode()).hexdigest()[:16]
+    folder = cache_root() / "kernels" / f"quant_matmul-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "quant_matmul.so").exists():
+        print("hasten: compiling the quantized matmul kernel for this machine (once)...",
+              file=sys.stderr, flush=True)
+    return load(name="quant_matmul", sources=[str(SOURCE)], build_directory=str(folder),
+                extra_cflags=["-O3", "-march=native"], verbose=False)
+
+
+def _cpu_id() -> str:
+    """The CPU model and flags: `-march=native` code is only valid on the CPU it was built for."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+        return platform.processor()
+    keep = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(keep)))
+
+
+def kernel_name() -> str:
+    """Which code multiplies compact weights here: "avx512", "scalar" (compiled, no AVX-512)
+    or "torch" (the fallback). Part of measurement cache keys: each computes other bits."""
+    module = kernel_module()
+    if module is None:
+        return "torch"
+    return "avx512" if module.has_avx512() else "scalar"
+
+
+def torch_block_matmul(x2: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """The fallback: the exact weights, dequantized for this call, through a dense matmul."""
+    return x2 @ dequantize_blocks(blocks, kind).to(x2.dtype).t()
+
+
+def block_matmul(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """x [..., K] float32 @ W.T with W [N, K] held as GGUF blocks [N, K / 32 * bytes]."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    module = kernel_module() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    if module is not None:
+        y = (module.q4_1_matmul if kind == "Q4_1" else module.q8_0_matmul)(x2, blocks)
+    else:
+        y = torch_block_matmul(x2, blocks, kind)
+    return y.reshape(*lead, blocks.shape[0])

@@ -1,0 +1,139 @@
+"""Compact weights: GGUF Q4_1 / Q8_0 blocks kept in memory, multiplied with exactly the file's
+dequantized values; rows that do not depend on how many rows share the call; a compact model
+that computes what the float32 reference computes and decodes exactly under speculation."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+import hasten
+from hasten.errors import HastenError
+from hasten.decoding.exactness import check_exactness
+from hasten.models import quant_kernels as qk
+from hasten.models.compact import QuantDense, QuantEmbedding, build_compact_llama
+from hasten.models.llama import Dense
+from hasten.models.loader import load_backbone
+from test_sources import tiny_model, write_gguf
+
+KINDS = {"Q4_1": Q.Q4_1, "Q8_0": Q.Q8_0}
+
+
+def file_blocks(kind: str, n: int, k: int, seed: int = 0):
+    """(blocks [n, k/32*bytes] as gguf writes them, float32 [n, k] as gguf dequantizes them)."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * rng.uniform(1e-3, 2, (n, 1))).astype(np.float32)
+    blocks = gguf.quants.quantize(w, KINDS[kind])
+    ref = np.asarray(gguf.quants.dequantize(blocks, KINDS[kind]), dtype=np.float32)
+    return torch.from_numpy(np.array(blocks)), torch.from_numpy(ref.reshape(n, k))
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    module = qk.kernel_module()  # built once per machine into the user cache
+    if module is None:
+        pytest.skip(f"the quantized matmul kernel cannot be built here: {qk.kernel_failure()}")
+    return module
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_torch_dequantizer_gives_the_files_values_bit_for_bit(kind):
+    blocks, ref = file_blocks(kind, 24, 96)
+    assert torch.equal(qk.dequantize_blocks(blocks, kind), ref)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_kernel_weights_are_the_files_values(kernel, kind):
+    """One-hot rows read every weight out of the kernel: x = I gives y = W.T exactly."""
+    blocks, ref = file_blocks(kind, 40, 128, seed=1)
+    assert torch.equal(qk.block_matmul(torch.eye(128), blocks, kind), ref.t())
+    assert torch.equal(qk.torch_block_matmul(torch.eye(128), blocks, kind), ref.t())
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_kernel_rows_do_not_depend_on_the_row_count(kernel, kind):
+    blocks, ref = file_blocks(kind, 72, 160, seed=2)
+    x = torch.randn(40, 160, generator=torch.Generator().manual_seed(0))
+    alone = torch.cat([qk.block_matmul(x[i:i + 1], blocks, kind) for i in range(40)])
+    for m in (2, 3, 7, 8, 9, 16, 17, 33, 40):
+        assert torch.equal(qk.block_matmul(x[:m], blocks, kind), alone[:m]), m
+    torch.testing.assert_close(alone, x @ ref.t(), rtol=1e-5, atol=1e-4)
+
+
+# ---- the compact model ------------------------------------------------------------------------
+
+QTYPES = {"attn_q": Q.Q4_1, "attn_k": Q.Q4_1, "attn_v": Q.Q4_1, "attn_output": Q.Q4_1,
+          "ffn_gate": Q.Q4_1, "ffn_up": Q.Q4_1, "ffn_down": Q.Q8_0, "token_embd": Q.Q8_0,
+          "output": Q.Q8_0}
+
+
+def tiny_gguf(tmp_path, qtypes=QTYPES, **overrides):
+    overrides = {"hidden_size": 64, "head_dim": 16, "intermediate_size": 96, **overrides}
+    cfg, weights = tiny_model(**overrides)
+    return cfg, write_gguf(tmp_path / "tiny.gguf", cfg, weights, qtypes=qtypes)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HASTEN_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_compact_model_keeps_the_blocks_and_matches_the_reference(tmp_path, cache, kernel, tied):
+    cfg, path = tiny_gguf(tmp_path, tie_word_embeddings=tied)
+    compact = load_backbone(str(path), weights="compact").backbone
+    dense = load_backbone(str(path)).backbone  # the float32 reference: dequantized at conversion
+    assert isinstance(compact.embed, QuantEmbedding) and compact.embed.kind == "Q8_0"
+    assert all(isinstance(b.wqkv, QuantDense) and b.wqkv.kind == "Q4_1" for b in compact.blocks)
+    assert all(b.w_down.kind == "Q8_0" for b in compact.blocks)
+    if tied:
+        assert compact.lm_head.blocks is compact.embed.blocks  # one copy of the table
+    for ours, ref in ((compact.blocks[0].wqkv, dense.blocks[0].wqkv), (compact.lm_head, dense.lm_head),
+                      (compact.blocks[1].w_gate_up, dense.blocks[1].w_gate_up)):
+        assert torch.equal(ours.weight_t, ref.weight_t)  # q/k rows unpermuted like the converter
+    assert compact.compact_summary.dense_weights == 0
+    ids = torch.randint(0, cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(3))
+    for m in (compact, dense):
+        m.reset(capacity=64)
+    torch.testing.assert_close(compact.forward(ids).logits, dense.forward(ids).logits,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_types_without_a_kernel_are_dequantized_like_the_reference(tmp_path, cache):
+    qtypes = {**QTYPES, "attn_k": Q.F16, "ffn_up": Q.Q4_0}
+    cfg, path = tiny_gguf(tmp_path, qtypes)
+    compact = load_backbone(str(path), weights="compact").backbone
+    dense = load_backbone(str(path)).backbone
+    block = compact.blocks[0]
+    assert isinstance(block.wqkv, Dense) and isinstance(block.w_gate_up, Dense)  # mixed parts
+    assert isinstance(block.wo, QuantDense)
+    assert torch.equal(block.wqkv.weight_t, dense.blocks[0].wqkv.weight_t)
+    s = compact.compact_summary
+    assert 0 < s.compact_fraction < 1 and s.kinds["Q4_1"] == cfg.num_layers  # wo only
+
+
+def test_compact_speculative_verify_is_exact(tmp_path, cache, kernel):
+    """Every node of random trees gets the logits plain decoding of its path gets, bit for bit."""
+    _, path = tiny_gguf(tmp_path)
+    model = load_backbone(str(path), weights="compact").backbone
+    result = check_exactness(model, trials=4)
+    assert result.exact, result.why
+
+
+def test_load_compact_greedy_lookup_equals_plain(tmp_path, cache, kernel):
+    _, path = tiny_gguf(tmp_path)
+    model = hasten.load(str(path), weights="compact", progress=False)
+    assert model.backbone.exact  # measured exact, so exact attention is on
+    assert model.fingerprint.endswith("-compact-" + qk.kernel_name())
+    ids = model.encode("hello hello hello", chat=False)
+    plain = list(model.generate_ids(ids, 24, ignore_eos=True))
+    assert list(model.generate_ids(ids, 24, ignore_eos=True, draft="lookup", tree_size=4)) == plain
+
+
+def test_compact_refuses_what_it_cannot_do(tmp_path, cache, tiny_folder):
+    with pytest.raises(HastenError, match="GGUF"):
+        load_backbone(str(tiny_folder), weights="compact")
+    _, path = tiny_gguf(tmp_path)
+    with pytest.raises(HastenError, match="float32"):
+        load_backbone(str(path), dtype="bfloat16", weights="compact")
