@@ -89,7 +89,7 @@ def load_for(spec: dict):
     if spec["method"] in OURS:
         return load(spec.get("model"), device=spec.get("device", "cpu"),
                     dtype=spec.get("dtype", "float32"), runtime=spec.get("runtime", "auto"),
-                    progress=False)
+                    progress=False, weights=spec.get("weights", "dense"))
     return weightless_model(spec)
 
 

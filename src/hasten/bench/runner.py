@@ -200,11 +200,14 @@ def markdown_table(summary: dict[str, dict], baseline: str) -> str:
     cuda = any(s.get("cuda_peak_mb") is not None for s in summary.values())
     header = (f"| method | median tok/s | speedup vs {baseline} (median, min-max) | "
               "tokens per step | outputs differing |")
+    roofline = any("bandwidth_fraction" in s for s in summary.values())
     header += " peak RSS MB (while generating) |" * memory + " CUDA peak MB |" * cuda
-    lines = [header, "|---|---:|---:|---:|---:|" + "---:|" * (memory + cuda)]
+    header += " weights MB read per token | of read bandwidth |" * roofline
+    extra = memory + cuda + 2 * roofline
+    lines = [header, "|---|---:|---:|---:|---:|" + "---:|" * extra]
     for name, s in summary.items():
         if "failed" in s:
-            lines.append(f"| {name} | {s['failed']} | - | - | - |" + " - |" * (memory + cuda))
+            lines.append(f"| {name} | {s['failed']} | - | - | - |" + " - |" * extra)
             continue
         sp = s["speedup_vs_" + baseline]
         acc = s.get("mean_accepted_per_step")
@@ -216,8 +219,16 @@ def markdown_table(summary: dict[str, dict], baseline: str) -> str:
             row += f" {_memory_cell(s)} |"
         if cuda:
             row += f" {_mb(s.get('cuda_peak_mb'))} |"
+        if roofline:
+            row += _roofline_cells(s)
         lines.append(row)
     return "\n".join(lines)
+
+
+def _roofline_cells(s: dict) -> str:
+    if "bandwidth_fraction" not in s:
+        return " - | - |"
+    return f" {s['weight_bytes_per_token'] / 1e6:.0f} | {100 * s['bandwidth_fraction']:.0f}% |"
 
 
 def _memory_cell(s: dict) -> str:

@@ -54,6 +54,7 @@ def run(args) -> None:
     from ..bench.chart import write_chart
     from ..bench.memory import memory_pass, rss_mb
     from ..bench.prompts import load_prompt_set
+    from ..bench.roofline import add_roofline, cached_read_bandwidth, method_bytes, resident_bytes
     from ..bench.runner import (category_table, machine_info, markdown_table, run_interleaved,
                                summarize, write_report)
     if args.quick:
@@ -87,13 +88,16 @@ def run(args) -> None:
     output = args.output or Path("bench-results") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     settings = {k: getattr(args, k) for k in ("methods", "dataset", "limit", "per_category",
                                               "max_new_tokens", "ignore_eos", "tree_size", "dtype",
-                                              "device", "runtime")}
+                                              "device", "runtime", "weights")}
     settings["draft"] = draft_options(spec)
     settings["memory"] = measure_memory
     b = model.backbone
     # this process's peak: all methods together, as they share it
     memory = {"peak_process_rss_mb": round(rss_mb("VmHWM"), 1),
-              "weights_mb": round(sum(p.numel() * p.element_size() for p in b.parameters()) / 2**20, 1)}
+              "weights_mb": round(resident_bytes(b) / 2**20, 1)}
+    # After the peak above: the first measurement streams a 128 MB buffer.
+    bandwidth = cached_read_bandwidth(args.threads)
+    add_roofline(summary, method_bytes(methods, model), bandwidth)
     name = model.name
     if measure_memory:
         built = [n for n in methods if not results[n].failure]  # a crashed peer is not probed
@@ -101,7 +105,8 @@ def run(args) -> None:
         release_memory()
         for method, figures in memory_pass(built, probe_settings(args, spec), prompts[0], log).items():
             summary[method].update(figures)
-    report = {"model": name, "settings": settings, "machine": machine_info(),
+    report = {"model": name, "settings": settings,
+              "machine": {**machine_info(), "read_bandwidth_gb_s": round(bandwidth / 1e9, 1)},
               "memory": memory, "started": started, "seconds": round(time.time() - started, 1),
               "prompts": prompts, "categories": categories, "summary": summary,
               "outputs": {n: r.tokens for n, r in results.items()}}
@@ -125,6 +130,7 @@ def draft_options(spec) -> dict:
 def probe_settings(args, spec) -> dict:
     """What a memory probe needs to build a method exactly as this bench did."""
     return {"model": args.model, "device": args.device, "dtype": args.dtype, "runtime": args.runtime,
+            "weights": args.weights,
             "threads": args.threads, "max_new_tokens": args.max_new_tokens,
             "stop": not args.ignore_eos, "tree_size": args.tree_size, "draft": draft_options(spec)}
 
