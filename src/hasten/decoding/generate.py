@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import torch
 
 from ..models.backbone import Backbone
+from ..models.llama import LlamaModel
+from .batched import BatchedDecoder
 from .engine import generate_speculative
 from .sampling import SamplingParams, choose
 from .stats import GenerationStats, cache_capacity
@@ -36,12 +38,46 @@ def generate_batch(backbone: Backbone, prompts: list[list[int]], max_new_tokens:
                    max_positions: int = 4096) -> list[list[int]]:
     """Plain decoding of several prompts of different lengths at once.
 
-    Prompts are left-padded to a common length; each row gets its own positions (counting
-    real tokens only) and a mask that hides its padding, so every row decodes exactly as it
-    would alone. Finished rows keep stepping (their output is ignored) until all are done.
+    On the lean runtime: continuous batching (`batched.py`): each prompt is prefilled alone,
+    all rows advance in one forward per step, and a finished row leaves at once (the batch
+    shrinks instead of carrying it); a row's tokens do not depend on the others' in exact
+    mode. Other backbones: prompts left-padded to a common length with per-row positions and
+    a mask hiding the padding; finished rows keep stepping until all are done.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    if isinstance(backbone, LlamaModel):
+        return _continuous_batch(backbone, prompts, max_new_tokens, params, stop_ids, generator,
+                                 max_positions)
+    return _padded_batch(backbone, prompts, max_new_tokens, params, stop_ids, generator, pad_id,
+                         max_positions)
+
+
+def _continuous_batch(backbone: LlamaModel, prompts, max_new_tokens, params, stop_ids,
+                      generator, max_positions) -> list[list[int]]:
+    width = max(len(p) for p in prompts)
+    decoder = BatchedDecoder(backbone, len(prompts), cache_capacity(width, max_new_tokens, 1,
+                                                                    max_positions))
+    seqs = [decoder.add(p, params, generator) for p in prompts]
+    for seq in seqs:
+        if _finished(seq, max_new_tokens, stop_ids, decoder.capacity):
+            decoder.remove(seq)
+    while decoder.sequences:
+        for seq, _ in decoder.step():
+            if _finished(seq, max_new_tokens, stop_ids, decoder.capacity):
+                decoder.remove(seq)
+    return [seq.tokens for seq in seqs]
+
+
+def _finished(seq, max_new_tokens: int, stop_ids, capacity: int) -> bool:
+    return (len(seq.tokens) >= max_new_tokens or seq.root in stop_ids
+            or seq.length + 1 > capacity)
+
+
+def _padded_batch(backbone: Backbone, prompts, max_new_tokens, params, stop_ids, generator,
+                  pad_id, max_positions) -> list[list[int]]:
     rows, width = len(prompts), max(len(p) for p in prompts)
     dev = backbone.device
     backbone.reset(rows, cache_capacity(width, max_new_tokens, 1, max_positions))
