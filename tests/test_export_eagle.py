@@ -30,14 +30,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-# The EAGLE head is written alongside (issue 14): until it is committed there is nothing to export.
-pytest.importorskip("hasten.eagle.head")
-
-from hasten.commands import main  # noqa: E402
-from hasten.eagle.export import eagle_layout, export_eagle  # noqa: E402
-from hasten.eagle.head import EagleConfig, EagleHead, LoadedEagle, save_head  # noqa: E402
-from test_export_cli import identities  # noqa: E402,F401 - a fixture
-from tiny import tiny_config  # noqa: E402
+from hasten.commands import main
+from hasten.eagle.export import eagle_layout, export_eagle
+from hasten.eagle.head import EagleConfig, EagleHead, LoadedEagle, save_head
+from test_export_cli import identities  # noqa: F401 - a fixture
+from tiny import tiny_config
 
 VOCAB = [5, 9, 2, 60, 33]
 
