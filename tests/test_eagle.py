@@ -85,9 +85,12 @@ def test_drafter_feeds_each_position_its_own_state_and_next_token():
     fed = []
     real_step = head.step
 
+    calls = []
+
     def recording_step(embeds, feats, positions, cache, mask):
         if mask is None:  # catch-up pairs (tree expansions pass a mask)
             fed.append((embeds.clone(), feats.clone(), positions.clone()))
+        calls.append((mask is None, positions.tolist()))
         return real_step(embeds, feats, positions, cache, mask)
 
     head.step = recording_step
@@ -104,6 +107,10 @@ def test_drafter_feeds_each_position_its_own_state_and_next_token():
     assert positions.tolist() == list(range(len(context) - 1))
     torch.testing.assert_close(embeds, ours.embed.weight[torch.tensor(context[1:])])
     torch.testing.assert_close(feats, states[:-1], atol=1e-4, rtol=1e-4)
+    # Tree levels go one position deeper each: a depth-1 node's pair sits at the root's position.
+    for (was_catch_up, before), (expands, level1) in zip(calls, calls[1:]):
+        if was_catch_up and not expands:
+            assert set(level1) == {before[-1] + 1}
 
 
 def test_sampling_with_eagle_follows_the_seeded_plain_path_distribution():

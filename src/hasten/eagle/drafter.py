@@ -136,7 +136,9 @@ class EagleDrafter:
                     a = int(all_parents[a])
                 mask[r, base + r] = True
                 slot[c] = base + r
-            positions = torch.full((len(chosen),), root_pos + level - 1, device=dev)
+            # A depth-(level-1) node's pair (parent's feature, its token) sits where the
+            # parent's token sits: the root's position for a depth-1 node.
+            positions = torch.full((len(chosen),), root_pos + level - 2, device=dev)
             out = self.head.step(self.embed[all_tokens[chosen]].to(self.dtype), expand_feats,
                                  positions, self.cache, mask)
             lp = self._logprobs(out)  # [k', Vd]
