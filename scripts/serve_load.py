@@ -1,0 +1,167 @@
+"""Load test for `hasten serve` on loopback (issue 15's goals). Bounded: a fixed number of
+requests, each with a timeout; the servers it starts are stopped with SIGTERM at the end.
+
+    .venv/bin/python scripts/serve_load.py [--dtype bfloat16] [--tokens 96] [--clients 8]
+
+1. lone: one request alone, its `decode_tokens_per_second`, against `hasten generate
+   --stats-json` on the same prompt (the CLI's speed), interleaved, medians of --repeats.
+2. batch: --clients prompts one at a time, then all at once: aggregate tok/s of each, and
+   whether every concurrent answer equals its one-at-a-time answer (greedy).
+3. queue: 2 x --clients clients at once against a server with --max-queue 4: how many got
+   429 and how fast, and whether the others' answers equal their solo answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+STORY = "Write a short story about a robot who learns to paint."
+TOPICS = ["the sea", "a lost key", "winter in a city", "a clockmaker", "two rival cooks",
+          "a lighthouse", "a night train", "a garden on Mars", "a chess match", "an old map",
+          "a storm at sea", "a quiet library", "a runaway kite", "a mountain village",
+          "a broken radio", "the first snow"]
+TIMEOUT_S = 600  # per request: bounded even on a very slow machine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, args, *extra: str):
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "hasten", "serve", "--port", str(self.port), "--dtype",
+               args.dtype, "--max-batch", str(args.max_batch), *extra]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 300
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise SystemExit(f"the server did not start: {' '.join(cmd)}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def ask(url: str, content: str, tokens: int) -> dict:
+    """One greedy chat request: status, text, completion tokens, stats, seconds."""
+    start = time.perf_counter()
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=TIMEOUT_S, json={
+        "messages": [{"role": "user", "content": content}], "max_tokens": tokens,
+        "temperature": 0})
+    out = {"status": r.status_code, "seconds": time.perf_counter() - start}
+    if r.status_code == 200:
+        body = r.json()
+        out.update(text=body["choices"][0]["message"]["content"],
+                   tokens=body["usage"]["completion_tokens"], stats=body["hasten"])
+    return out
+
+
+def cli_speed(args) -> float:
+    cmd = [sys.executable, "-m", "hasten", "generate", "--stats-json", "-n", str(args.tokens),
+           "--dtype", args.dtype, STORY]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, check=True)
+    stats = json.loads(done.stderr.strip().splitlines()[-1])
+    return stats["decode_tokens_per_second"]
+
+
+def lone(args, server: ServerProcess) -> dict:
+    served, cli = [], []
+    for _ in range(args.repeats):
+        served.append(ask(server.url, STORY, args.tokens)["stats"]["decode_tokens_per_second"])
+        cli.append(cli_speed(args))
+    return {"served_decode_tok_s": served, "cli_decode_tok_s": cli,
+            "served_over_cli": round(statistics.median(served) / statistics.median(cli), 3)}
+
+
+def batch(args, server: ServerProcess, prompts: list[str]) -> tuple[dict, list[str]]:
+    start = time.perf_counter()
+    alone = [ask(server.url, p, args.tokens) for p in prompts]
+    alone_s = time.perf_counter() - start
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda p: ask(server.url, p, args.tokens), prompts))
+    together_s = time.perf_counter() - start
+    rate = lambda rs, s: round(sum(r["tokens"] for r in rs) / s, 2)  # noqa: E731
+    return {"one_at_a_time_tok_s": rate(alone, alone_s), "concurrent_tok_s": rate(together, together_s),
+            "speedup": round(rate(together, together_s) / rate(alone, alone_s), 2),
+            "identical_answers": sum(a["text"] == b["text"] for a, b in zip(alone, together)),
+            "of": len(prompts),
+            "max_batch_seen": max(r["stats"]["max_batch_size"] for r in together)}, \
+        [a["text"] for a in alone]
+
+
+def queue(args, prompts: list[str], solo: dict[str, str]) -> dict:
+    server = ServerProcess(args, "--max-queue", "4")
+    try:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            results = list(pool.map(lambda p: ask(server.url, p, args.tokens), prompts))
+    finally:
+        server.stop()
+    refused = [r for r in results if r["status"] == 429]
+    served = [(p, r) for p, r in zip(prompts, results) if r["status"] == 200]
+    return {"clients": len(prompts), "served": len(served), "got_429": len(refused),
+            "slowest_429_ms": round(max((r["seconds"] for r in refused), default=0) * 1000, 1),
+            "other_status": sorted({r["status"] for r in results} - {200, 429}),
+            "served_identical_to_solo": sum(r["text"] == solo[p] for p, r in served if p in solo),
+            "served_with_solo_reference": sum(p in solo for p, _ in served)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--skip", nargs="*", default=[], choices=("lone", "batch", "queue"))
+    args = ap.parse_args()
+    report: dict = {"dtype": args.dtype, "tokens": args.tokens, "max_batch": args.max_batch}
+    prompts = [f"Write a short story about {t}." for t in TOPICS]
+    solo: dict[str, str] = {}
+    server = ServerProcess(args)
+    try:
+        if "lone" not in args.skip:
+            report["lone"] = lone(args, server)
+            print(json.dumps({"lone": report["lone"]}), flush=True)
+        if "batch" not in args.skip:
+            report["batch"], texts = batch(args, server, prompts[:args.clients])
+            solo = dict(zip(prompts, texts))
+            print(json.dumps({"batch": report["batch"]}), flush=True)
+    finally:
+        server.stop()
+    if "queue" not in args.skip:
+        report["queue"] = queue(args, prompts[:2 * args.clients], solo)
+        print(json.dumps({"queue": report["queue"]}), flush=True)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
