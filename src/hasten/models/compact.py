@@ -163,7 +163,9 @@ def build_compact_llama(cfg: LlamaConfig, gguf_path: str | Path) -> tuple[LlamaM
         model.lm_head = _linear([embed], None, summary)  # shares the embedding's blocks
     else:
         model.lm_head = _linear([matrix("lm_head.weight")], None, summary)
-    # The kernels' rows do not depend on the row count, and per-node attention keeps float32
-    # attention exact too: measured by `Model.choose_attention` before it is switched on.
+    # The kernels' rows do not depend on the row count (plain steps need no padding row), and
+    # per-node attention keeps float32 attention exact too: measured by
+    # `Model.choose_attention` before exact attention is switched on.
     model.share_past_blocks = False
+    model.pad_plain_steps = False
     return model.eval().requires_grad_(False), summary

@@ -33,7 +33,9 @@ BLOCK = 64
 class KeyPlan(NamedTuple):
     """Where each query's logical keys are, shared by all layers of one forward."""
     shared: int  # logical positions [0, shared) = cache slots [0, shared), seen by every query
-    tail_slots: torch.Tensor  # long [T, W]: cache slot of logical position shared + w
+    # long [T, W]: cache slot of logical position shared + w; None: slot w itself (one plain
+    # query after the committed past, read in place: the same values as gathered, no copy)
+    tail_slots: torch.Tensor | None
     tail_hidden: torch.Tensor  # bool [T, W / BLOCK, 1, BLOCK]: True past the query's own keys
 
 
@@ -50,6 +52,9 @@ def plan_keys(mask: torch.Tensor | None, start: int, t: int, device, share: bool
     # queries. For a plain step (one row and its copy) gathering everything costs fewer ops.
     shared = (start // BLOCK) * BLOCK if t > 2 and share else 0
     width = max(BLOCK, -(-(int(counts.max()) - shared) // BLOCK) * BLOCK)
+    if t == 1 and shared == 0 and bool(mask.all()):  # one query over everything: in order
+        hidden = torch.arange(width, device=device)[None] >= counts[:, None]
+        return KeyPlan(0, None, hidden.reshape(1, width // BLOCK, 1, BLOCK))
     logical = mask.long().cumsum(-1) - 1  # logical index of each attended slot
     slots = torch.arange(mask.shape[-1], device=device).expand_as(mask)
     keep = mask & (logical >= shared)
@@ -77,11 +82,18 @@ def exact_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     dtype = q.dtype
     qg = (q[0] * scale).reshape(kv, group * t, d)  # heads of one kv head together: [KV, G*T, D]
     k, v = k_cache[0], v_cache[0]  # [KV, capacity, D]
-    width = plan.tail_slots.shape[1]
-    nt = width // BLOCK
-    slots = plan.tail_slots.reshape(-1)  # index_select: the same gather, 4x cheaper than k[:, idx]
-    kt = k.index_select(1, slots).reshape(kv, t, nt, BLOCK, d)  # gathered: [KV, T, nt, B, D]
-    vt = v.index_select(1, slots).reshape(kv, t, nt, BLOCK, d)
+    nt = plan.tail_hidden.shape[1]
+    width = nt * BLOCK
+    if plan.tail_slots is None and width <= k.shape[1]:  # slots 0..width-1, copied in order
+        # A copy, not a view: float32 bmm over the cache's strides rounds otherwise (measured).
+        kt = k[:, :width].reshape(kv, 1, nt, BLOCK, d).contiguous()
+        vt = v[:, :width].reshape(kv, 1, nt, BLOCK, d).contiguous()
+    else:
+        slots = (plan.tail_slots.reshape(-1) if plan.tail_slots is not None else
+                 torch.arange(width, device=k.device).clamp_(max=k.shape[1] - 1))
+        # index_select: the same gather, 4x cheaper than k[:, idx]
+        kt = k.index_select(1, slots).reshape(kv, t, nt, BLOCK, d)  # gathered: [KV, T, nt, B, D]
+        vt = v.index_select(1, slots).reshape(kv, t, nt, BLOCK, d)
     qt = qg.reshape(kv, group, t, d).transpose(1, 2)[:, :, None]  # [KV, T, 1, G, D]
     scores = (qt @ kt.transpose(-1, -2)).float()  # [KV, T, nt, G, B]
     scores.masked_fill_(plan.tail_hidden, float("-inf"))

@@ -160,6 +160,9 @@ class LlamaModel(nn.Module):
         # Exact attention computes the committed past's blocks once for all tree nodes; False
         # gathers them per node (see `plan_keys`: what float32 needs to stay exact).
         self.share_past_blocks = True
+        # Exact plain steps run as two rows (see `_padded_step`) where one-row matmuls round
+        # differently; kernels whose rows never depend on the row count (compact) need not.
+        self.pad_plain_steps = True
 
     # The final norm's weight, not the embedding's: compact weights keep the embedding as
     # quantized blocks (see `compact.py`) but always compute in the norm's dtype.
@@ -261,7 +264,8 @@ class LlamaModel(nn.Module):
         b, t = input_ids.shape
         start = self.length
         check_step(start, t, self.capacity, b, self._k.shape[1])
-        if self.exact and b == 1 and start > 0 and t == 1 and start + 2 <= self.capacity:
+        if (self.exact and self.pad_plain_steps and b == 1 and start > 0 and t == 1
+                and start + 2 <= self.capacity):
             return self._padded_step(input_ids, positions, last_only)
         if positions is None:
             positions = torch.arange(start, start + t, device=self.device).expand(b, t)
