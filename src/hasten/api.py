@@ -85,6 +85,7 @@ class Model:
         self.last_stats = GenerationStats()
         self._drafters: dict[DraftSpec, object] = {}
         self._warned = False  # the not-exact warning is printed once per model
+        self.plan = str(getattr(backbone, "dtype", "")).removeprefix("torch.")  # see `plans`
 
     @property
     def has_chat_template(self) -> bool:
@@ -267,7 +268,10 @@ def load(model: str | None = None, device: str = "cpu", dtype: str | torch.dtype
     transformers adapter) or "auto" (lean when the architecture allows). `weights`: "dense"
     (every weight dequantized to `dtype`; float32 is the reference) or "compact" (a GGUF's
     Q4_1 / Q8_0 blocks kept as they are and multiplied by weight-only kernels whose weights
-    are exactly the file's values; float32 activations, CPU)."""
+    are exactly the file's values; float32 activations, CPU). `dtype="auto"`: the fastest
+    plan that is exact on this machine (`hasten.plans`; measured once, then cached)."""
+    if isinstance(dtype, str) and dtype == "auto":
+        return _load_auto(model, device, runtime, progress)
     loaded = load_backbone(model, device, dtype, runtime, progress, weights)
     result = Model(loaded.backbone, loaded.tokenizer, loaded.name, loaded.max_positions,
                    loaded.stop_ids, folder=loaded.folder)
@@ -277,6 +281,30 @@ def load(model: str | None = None, device: str = "cpu", dtype: str | torch.dtype
         from .models.quant_kernels import kernel_name
         result.fingerprint += f"-compact-{kernel_name()}"
         result.choose_attention(measure=read_cached(result._exactness_file(exact=True)) is None)
+        result.plan = "compact"
     else:
         result.choose_attention()
+        result.plan = str(result.backbone.dtype).removeprefix("torch.")
     return result
+
+
+def _load_auto(spec: str | None, device: str, runtime: str, progress: bool) -> Model:
+    """The plan cached for this model and machine, or every candidate measured now (about a
+    minute, once) and the fastest exact one kept."""
+    from .models.sources import resolve_model
+    from .plans import candidates, choice_file, measure_plan, plan_args, read_choice, save_choice
+
+    resolved = resolve_model(spec, progress=progress)
+    device = str(parse_device(device))
+    path = choice_file(resolved.folder.name, device, runtime)
+    plan = read_choice(path)
+    if plan is None:
+        lean = resolved.lean and runtime != "hf"
+        plans = [p for p in candidates(resolved.gguf is not None, lean)
+                 if p != "compact" or device == "cpu"]
+        print(f"hasten: --dtype auto: measuring {', '.join(plans)} on this machine (once)...",
+              file=sys.stderr, flush=True)
+        entries = {p: measure_plan(load, spec, p, device, runtime)[1] for p in plans}
+        plan = save_choice(path, entries)
+        print(f"hasten: --dtype auto chose {plan}", file=sys.stderr, flush=True)
+    return load(spec, device=device, runtime=runtime, progress=progress, **plan_args(plan))

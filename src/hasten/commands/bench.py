@@ -73,6 +73,9 @@ def run(args) -> None:
     if "plain" not in names:
         names.insert(0, "plain")  # every speedup and every correctness check is against plain
     model = load_model(args)
+    if args.dtype == "auto":  # the report and the memory probes name the plan auto chose
+        from ..plans import plan_args
+        vars(args).update(plan_args(model.plan))
     prompt_set = load_prompt_set(args.dataset, args.limit, args.per_category)
     prompts, categories = [p.text for p in prompt_set], [p.category for p in prompt_set]
     methods = build_methods(names, model, args.max_new_tokens, stop=not args.ignore_eos,

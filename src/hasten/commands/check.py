@@ -1,4 +1,4 @@
-"""`hasten check`: what this machine does with the model, per dtype, measured."""
+"""`hasten check`: what this machine does with the model, per plan (dtype / weights), measured."""
 
 from __future__ import annotations
 
@@ -12,16 +12,19 @@ from .common import add_model_args, log
 
 def register(sub) -> None:
     c = sub.add_parser(
-        "check", help="measure this machine: verify costs, kernel invariance, exactness per dtype",
-        description="For each dtype: the cost of a verify step of 1 + n tokens relative to one "
-                    "token (what makes trees pay), the row-count classes of the model's matmuls "
-                    "(rows of one class are bit-identical however many rows share the call), and "
-                    "whether speculative decoding is bit-exact here (random trees on the model, "
-                    "every node against plain decoding). Results are cached and used by generate, "
-                    "serve and bench.")
+        "check", help="measure this machine: verify costs, kernel invariance, exactness per plan",
+        description="For each plan (float32, bfloat16, float16 dense weights; compact = the "
+                    "GGUF's quantized blocks): the cost of one plain step and of a verify step "
+                    "of 1 + n tokens relative to it (what makes trees pay), the row-count "
+                    "classes of the model's matmuls (rows of one class are bit-identical however "
+                    "many rows share the call), and whether speculative decoding is bit-exact "
+                    "here (random trees on the model, every node against plain decoding). Then "
+                    "the plan --dtype auto takes: the fastest exact one. Results are cached and "
+                    "used by generate, serve and bench.")
     add_model_args(c)
-    c.add_argument("--dtypes", default="float32,bfloat16,float16",
-                   help="comma-separated dtypes to check (default: float32,bfloat16,float16)")
+    c.add_argument("--plans", "--dtypes", dest="plans", default=None,
+                   help="comma-separated plans to check: float32, bfloat16, float16, compact "
+                        "(default: the --dtype auto candidates for this model, float16 too)")
     c.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     c.set_defaults(run=run)
 
@@ -29,46 +32,79 @@ def register(sub) -> None:
 def run(args) -> None:
     from ..api import load
     from ..bench.runner import cpu_flags, cpu_name
-    from ..decoding.exactness import row_classes
+    from ..models.sources import resolve_model
+    from ..plans import AUTO_CANDIDATES, candidates, choice_file, choose, measure_plan, save_choice
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = {"processor": cpu_name(), "cpu_flags": cpu_flags(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "device": args.device}
-    report = {"machine": machine, "dtypes": {}}
+    report = {"machine": machine, "plans": {}}
     if not args.json:
         log(f"hasten check: {machine['processor']} ({' '.join(machine['cpu_flags']) or 'no AVX2'}), "
             f"torch {machine['torch']}, {machine['threads']} threads, device {args.device}")
-    for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
+    resolved = resolve_model(args.model, progress=False)
+    lean = resolved.lean and args.runtime != "hf"
+    if args.plans:
+        plans = [p.strip() for p in args.plans.split(",") if p.strip()]
+    else:
+        plans = candidates(resolved.gguf is not None, lean) + ["float16"]
+        plans = [p for p in plans if p != "compact" or args.device == "cpu"]
+    for plan in plans:
         t0 = time.perf_counter()
-        model = load(args.model, device=args.device, dtype=dtype, runtime=args.runtime, progress=False)
-        model.choose_attention(measure=True)  # float32: exact attention only if measured exact
-        exact = model.exactness()
+        model, entry = measure_plan(load, args.model, plan, args.device, args.runtime)
         b = model.backbone
-        entry = {}
-        if hasattr(b, "blocks"):  # the lean runtime: its matmul shapes
+        if hasattr(b, "blocks"):  # the lean runtime: its matmuls, as this plan computes them
             layer = b.blocks[0]
-            entry["row_classes"] = {
-                name: row_classes(w) for name, w in (
-                    ("qkv", layer.wqkv.weight_t), ("gate_up", layer.w_gate_up.weight_t),
-                    ("down", layer.w_down.weight_t), ("lm_head", b.lm_head.weight_t))}
-        curve = model.cost_curve()
-        entry.update({"attention": "exact" if getattr(b, "exact", False) else "sdpa",
-                      "plain_step_ms": round(curve.seconds[0] * 1000, 2),
-                      "verify_cost": {str(n): r for n, r in curve.relative().items()},
-                      "exact": exact.exact, "why": exact.why,
-                      "seconds": round(time.perf_counter() - t0, 1)})
-        report["dtypes"][dtype] = entry
+            entry["row_classes"] = {name: layer_row_classes(m, b.dtype) for name, m in (
+                ("qkv", layer.wqkv), ("gate_up", layer.w_gate_up), ("down", layer.w_down),
+                ("lm_head", b.lm_head))}
+        if plan == "compact":
+            from ..models.quant_kernels import kernel_failure, kernel_name
+            entry["kernel"] = kernel_name() + (f" ({kernel_failure()})" if kernel_failure() else "")
+        entry["seconds"] = round(time.perf_counter() - t0, 1)
+        report["plans"][plan] = entry
         if not args.json:
-            print(describe(dtype, entry), flush=True)
+            print(describe(plan, entry), flush=True)
         del model, b
+    auto = {p: e for p, e in report["plans"].items() if p in AUTO_CANDIDATES}
+    if auto:
+        report["auto"] = save_choice(choice_file(resolved.folder.name, str(args.device), args.runtime), auto)
+        if not args.json:
+            exact = [p for p, e in auto.items() if e["exact"]]
+            print(f"--dtype auto: {report['auto']} (exact here: {', '.join(exact) or 'none'}; the "
+                  "cheapest plain step among them" + ("" if exact else "; none is exact, so the "
+                                                      "float32 reference") + ")", flush=True)
     if args.json:
         print(json.dumps(report))
 
 
-def describe(dtype: str, e: dict) -> str:
+def layer_row_classes(layer, dtype, sizes=None, trials: int = 8) -> list[list[int]]:
+    """Row counts grouped by the bits of row 0 of `layer(x)` (the layer's own kernel: dense or
+    compact), over `trials` row-0 inputs, as `decoding.exactness.row_classes` does for a
+    dense weight."""
+    from ..decoding.exactness import ROW_COUNTS
+    sizes = sizes or ROW_COUNTS
+    n_in = layer.weight_t.shape[0] if not hasattr(layer, "in_features") else layer.in_features
+    g = torch.Generator().manual_seed(0)
+    firsts = torch.randn(trials, n_in, generator=g).to(dtype)
+    groups: list[tuple[torch.Tensor, list[int]]] = []
+    with torch.inference_mode():
+        for m in sizes:
+            others = torch.randn(m - 1, n_in, generator=g).to(dtype)
+            rows = torch.stack([layer(torch.cat([f[None], others]))[0] for f in firsts])
+            for seen, members in groups:
+                if torch.equal(seen, rows):
+                    members.append(m)
+                    break
+            else:
+                groups.append((rows, [m]))
+    return [members for _, members in groups]
+
+
+def describe(plan: str, e: dict) -> str:
     costs = ", ".join(f"{n}: {r:.2f}x" for n, r in e["verify_cost"].items() if int(n) in (1, 4, 8, 16, 32, 64))
-    lines = [f"{dtype}: one token {e['plain_step_ms']:.1f} ms; 1 + n tokens cost {costs}",
-             f"  attention: {e['attention']}"]
+    lines = [f"{plan}: one token {e['plain_step_ms']:.1f} ms; 1 + n tokens cost {costs}",
+             f"  attention: {e['attention']}" + (f"; kernel: {e['kernel']}" if "kernel" in e else "")]
     for name, classes in e.get("row_classes", {}).items():
         lines.append(f"  matmul {name:8s} row classes by row count: {classes}")
     verdict = "yes" if e["exact"] else "no"

@@ -19,7 +19,10 @@ def log(msg: str) -> None:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help=MODEL_HELP)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
+    p.add_argument("--dtype", default="float32",
+                   help="float32 (the reference), bfloat16, float16, or auto: the fastest plan "
+                        "that is exact on this machine, compact weights included (measured once, "
+                        "see `hasten check`) (default: float32)")
     p.add_argument("--runtime", default="auto", choices=("auto", "lean", "hf"),
                    help="lean: our Llama-family runtime; hf: generic transformers adapter; "
                         "auto: lean when the architecture allows (default)")

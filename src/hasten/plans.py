@@ -1,0 +1,93 @@
+"""Execution plans and `--dtype auto`: the fastest plan that is exact on this machine, measured.
+
+A plan is how the lean runtime holds and multiplies the weights:
+
+  - "float32": dense float32, the reference (MKL; usually not exact under speculation, see
+    `decoding.exactness`);
+  - "bfloat16", "float16": dense half precision (oneDNN), exact attention;
+  - "compact": the GGUF's Q4_1 / Q8_0 blocks with float32 activations (`models.compact`).
+
+`measure_plan` loads a model in a plan and reads its verify cost curve and its exactness check
+(both cached per machine under their own keys, so they are measured once). `choose` picks the
+plan with the cheapest plain step among the exact ones; float32 when none is exact. The choice
+and the figures behind it are cached in `cache_root()/plans/` (`hasten check` measures again
+and rewrites it); `hasten.load(dtype="auto")` reads it, or measures once when it is absent.
+
+This module takes `load` as an argument instead of importing the API (the API imports it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .paths import cache_root
+
+PLANS = ("float32", "bfloat16", "float16", "compact")
+AUTO_CANDIDATES = ("float32", "bfloat16", "compact")  # float16 on a CPU: emulated, slow
+PLAN_KEY = "auto-v1"  # bump when what a plan computes changes
+
+
+def plan_args(plan: str) -> dict:
+    """`load` keyword arguments of a plan."""
+    if plan not in PLANS:
+        raise ValueError(f"unknown plan {plan!r}; choose from {', '.join(PLANS)}")
+    return {"dtype": "float32", "weights": "compact"} if plan == "compact" else \
+        {"dtype": plan, "weights": "dense"}
+
+
+def measure_plan(load: Callable, spec: str | None, plan: str, device: str = "cpu",
+                 runtime: str = "auto") -> tuple[object, dict]:
+    """(the loaded model, its figures): plain step ms, verify cost per tree size (relative to
+    the plain step), whether speculative decoding is exact, and why."""
+    model = load(spec, device=device, runtime=runtime, progress=False, **plan_args(plan))
+    model.choose_attention(measure=True)  # float32: exact attention only if measured exact
+    exact = model.exactness()
+    curve = model.cost_curve()
+    b = model.backbone
+    return model, {"attention": "exact" if getattr(b, "exact", False) else "sdpa",
+                   "plain_step_ms": round(curve.seconds[0] * 1000, 2),
+                   "verify_cost": {str(n): r for n, r in curve.relative().items()},
+                   "exact": exact.exact, "why": exact.why}
+
+
+def choose(entries: dict[str, dict]) -> str:
+    """The exact plan with the cheapest plain step; "float32" (the reference) if none is."""
+    exact = {p: e for p, e in entries.items() if e.get("exact")}
+    if not exact:
+        return "float32"
+    return min(exact, key=lambda p: exact[p]["plain_step_ms"])
+
+
+def choice_file(fingerprint: str, device: str, runtime: str) -> Path:
+    threads = torch.get_num_threads()
+    return cache_root() / "plans" / f"{PLAN_KEY}-{fingerprint}-{runtime}-{device}-t{threads}.json"
+
+
+def save_choice(path: Path, entries: dict[str, dict]) -> str:
+    plan = choose(entries)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"choice": plan, "plans": entries,
+                               "measured": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    tmp.replace(path)
+    return plan
+
+
+def read_choice(path: Path) -> str | None:
+    try:
+        plan = json.loads(path.read_text())["choice"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return plan if plan in PLANS else None
+
+
+def candidates(has_gguf: bool, lean: bool) -> list[str]:
+    """The plans worth measuring for a model: compact only for a GGUF on the lean runtime."""
+    if not lean:
+        return ["float32", "bfloat16"]
+    return [p for p in AUTO_CANDIDATES if p != "compact" or has_gguf]
