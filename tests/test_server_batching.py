@@ -112,3 +112,27 @@ def test_the_time_limit_ends_a_generation_with_what_it_has(model, monkeypatch):
     finally:
         gate.opened.set()
         s.stop()
+
+
+def test_the_queue_limit_counts_free_rows_and_answers_429_before_tokenising(model, monkeypatch):
+    s = Server(create_app(model, log=False, max_batch=2, max_queue=0))
+    engine = s.app.state.engine
+    gate = Gate(monkeypatch, engine, after=2)
+    encoded = []
+    real_encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda *a, **k: encoded.append(1) or real_encode(*a, **k))
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(ask, s.client(), QUESTIONS[0])
+            wait_for(lambda: gate.calls > 2, "the first request to hold the gate")
+            second = pool.submit(ask, s.client(), QUESTIONS[1])  # a row is free: no queue needed
+            wait_for(lambda: engine.queued == 1, "the second request to wait for the boundary")
+            before = len(encoded)
+            r = httpx.post(f"{s.url}/v1/chat/completions", json={"messages": QUESTIONS[2]})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+            assert len(encoded) == before  # refused before its prompt was tokenised
+            gate.opened.set()
+            assert first.result(30)[0] and second.result(30)[0]
+    finally:
+        gate.opened.set()
+        s.stop()

@@ -251,6 +251,45 @@ def create_app(model, api_key: str | None = None, draft: DraftSpec = DraftSpec()
     async def completions(request: Request):
         return await complete(request, chat=False)
 
+    admitting = [0]  # requests past the queue check, not yet submitted (being tokenised)
+
+    def admit() -> None:
+        """Reserve a place, or answer 429 at once: the requests already waiting for a row (and
+        those being tokenised) beyond the free rows would make more than `max_queue`."""
+        if max_queue is not None:
+            waiting = engine.queued + admitting[0] - (engine.max_batch - engine.active)
+            if waiting >= max_queue:
+                metrics.requests.labels("queue_full").inc()
+                raise APIError(429, f"the server is busy: {max(waiting, 0)} requests are waiting; "
+                               "retry shortly", type="rate_limit_error", code="queue_full",
+                               headers={"Retry-After": "1"})
+        admitting[0] += 1
+
+    async def prepare(request: Request, body: dict, chat: bool, opts: wire.Options, limit: int,
+                      tenant: int, served_as: str) -> Job:
+        """The job for a checked request: its prompt tokenised (off the event loop), its
+        lengths checked, its drafter built (a drafter that cannot be built is a 400)."""
+        ids = await asyncio.to_thread(encode, body, chat)  # long prompts never stall the loop
+        param = "messages" if chat else "prompt"
+        if not ids:
+            raise APIError(400, f"the {param} is empty", param=param, code="invalid_value")
+        if len(ids) >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} "
+                           f"tokens; the {'chat ' if chat else ''}prompt has {len(ids)}. "
+                           "Shorten it.", param=param,
+                           code="context_length_exceeded")
+        room = limit - len(ids)
+        try:  # before any stream starts
+            spec = engine.spec(opts.draft)
+            drafter = await asyncio.to_thread(engine.drafter, spec)
+        except HastenError as e:
+            raise APIError(400, str(e), param="draft", code="invalid_value") from None
+        request.state.hasten_log = f"prompt={len(ids)} queued"
+        return Job(ids, min(opts.max_tokens or room, room), opts.temperature, opts.top_p,
+                   opts.top_k, opts.seed, spec.name, drafter, opts.tree_size, opts.stop,
+                   loop=asyncio.get_running_loop(), events=asyncio.Queue(), tenant=tenant,
+                   model_name=served_as, stream=opts.stream)
+
     async def complete(request: Request, chat: bool):
         body = await read_json(request, max_request_bytes)
         if app.state.draining:
@@ -265,38 +304,19 @@ def create_app(model, api_key: str | None = None, draft: DraftSpec = DraftSpec()
         served_as = model.name if tenant < 0 else name
         limit = engine.context
         opts = wire.get_options(body, chat, limit)
-        ids = await asyncio.to_thread(encode, body, chat)  # long prompts never stall the loop
-        param = "messages" if chat else "prompt"
-        if not ids:
-            raise APIError(400, f"the {param} is empty", param=param, code="invalid_value")
-        if len(ids) >= limit:
-            raise APIError(400, f"This model's maximum context length is {limit} "
-                           f"tokens; the {'chat ' if chat else ''}prompt has {len(ids)}. "
-                           "Shorten it.", param=param,
-                           code="context_length_exceeded")
-        room = limit - len(ids)
-        try:  # a drafter that cannot be built is the request's fault: 400, before any stream
-            spec = engine.spec(opts.draft)
-            drafter = await asyncio.to_thread(engine.drafter, spec)
-        except HastenError as e:
-            raise APIError(400, str(e), param="draft", code="invalid_value") from None
-        job = Job(ids, min(opts.max_tokens or room, room), opts.temperature, opts.top_p,
-                  opts.top_k, opts.seed, spec.name, drafter, opts.tree_size, opts.stop,
-                  loop=asyncio.get_running_loop(), events=asyncio.Queue(), tenant=tenant,
-                  model_name=served_as)
+        admit()  # a full queue answers 429 now, before any tokenising
+        try:
+            job = await prepare(request, body, chat, opts, limit, tenant, served_as)
+            engine.submit(job)
+        finally:
+            admitting[0] -= 1
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        request.state.hasten_log = f"prompt={len(ids)} queued"
-        if max_queue is not None and engine.queued >= max_queue:
-            metrics.requests.labels("queue_full").inc()
-            raise APIError(429, f"the server is busy: {engine.queued} requests are waiting; retry "
-                           "shortly", type="rate_limit_error", code="queue_full",
-                           headers={"Retry-After": "1"})
-        engine.submit(job)
         if opts.stream:
             return StreamingResponse(stream(chat, rid, created, job, opts, request),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        ids = job.prompt_ids
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))
         parts, outcome = [], None
         try:

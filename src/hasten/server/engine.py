@@ -87,6 +87,7 @@ class Job:
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     tenant: int = -1  # BitDelta tenant row route (-1: the base model)
+    stream: bool = True  # False: the text is handed over once, at the end
     model_name: str = ""
     cancelled: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.perf_counter)
@@ -148,6 +149,20 @@ class Running:
     queue_time: float
     count: int = 0
     batch_size: int = 1
+    held: list[str] = field(default_factory=list)  # text of a non-streaming job, until it ends
+
+    def emit(self, text: str) -> None:
+        """A stream gets each piece at once; a non-streaming answer gets one event at the end
+        (per-token events would wake the event loop, and take the GIL, for nothing)."""
+        if self.job.stream:
+            self.job.post("text", text)
+        else:
+            self.held.append(text)
+
+    def flush(self) -> None:
+        if self.held:
+            self.job.post("text", "".join(self.held))
+            self.held.clear()
 
 
 class Engine:
@@ -309,7 +324,7 @@ class Engine:
             return
         text, hit = run.stopper.push(run.detok.add(token))
         if text:
-            job.post("text", text)
+            run.emit(text)
         if hit:
             stats.finish_reason = "stop"
         elif run.count >= job.max_tokens or run.seq.length + 1 > self.decoder.capacity:
@@ -334,7 +349,8 @@ class Engine:
                     rest, _ = run.stopper.push(run.detok.flush())
                     rest += run.stopper.flush()
                     if rest:
-                        job.post("text", rest)
+                        run.emit(rest)
+                run.flush()
                 outcome = self._outcome(run, "stop" if stats.finish_reason == "stop" else "length")
                 outcome.time_limit = overdue
             job.outcome = outcome
