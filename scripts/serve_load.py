@@ -43,7 +43,7 @@ class ServerProcess:
     def __init__(self, args, *extra: str):
         self.port = free_port()
         cmd = [sys.executable, "-m", "hasten", "serve", "--port", str(self.port), "--dtype",
-               args.dtype, "--max-batch", str(args.max_batch), *extra]
+               args.dtype, "--max-batch", str(args.max_batch), *model_args(args), *extra]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
@@ -67,6 +67,10 @@ class ServerProcess:
             self.proc.kill()
 
 
+def model_args(args) -> list[str]:
+    return ["--model", args.model] if args.model else []
+
+
 def ask(url: str, content: str, tokens: int) -> dict:
     """One greedy chat request: status, text, completion tokens, stats, seconds."""
     start = time.perf_counter()
@@ -83,7 +87,7 @@ def ask(url: str, content: str, tokens: int) -> dict:
 
 def cli_speed(args) -> float:
     cmd = [sys.executable, "-m", "hasten", "generate", "--stats-json", "-n", str(args.tokens),
-           "--dtype", args.dtype, STORY]
+           "--dtype", args.dtype, *model_args(args), STORY]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, check=True)
@@ -135,6 +139,7 @@ def queue(args, prompts: list[str], solo: dict[str, str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model spec (default: the embedded model)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--clients", type=int, default=8)
