@@ -54,14 +54,16 @@ def test_rerank_keeps_the_best_as_a_tree_parents_first():
     parents = torch.tensor([-1, -1, 0, 0, 2])
     depths = torch.tensor([1, 1, 2, 2, 3])
     scores = torch.tensor([-0.1, -2.0, -0.5, -0.5, -0.6])
-    tree = rerank(tokens, parents, depths, scores, 4)
+    tree, ranks = rerank(tokens, parents, depths, scores, 4)
     assert tree.token_list == [10, 12, 13, 14]
     assert tree.parents.tolist() == [-1, 0, 0, 1]
-    full = rerank(tokens, parents, depths, scores, 10)
+    assert ranks.tolist() == [0, 1, 2, 3]  # 12 and 13 tie: the earlier candidate first
+    full, ranks = rerank(tokens, parents, depths, scores, 10)
+    assert ranks.tolist() == [0, 4, 1, 2, 3]
     assert sorted(full.token_list) == [10, 11, 12, 13, 14]
     # A tie between parent and child keeps the parent first.
-    tie = rerank(torch.tensor([1, 2]), torch.tensor([-1, 0]), torch.tensor([1, 2]),
-                 torch.tensor([0.0, 0.0]), 1)
+    tie, _ = rerank(torch.tensor([1, 2]), torch.tensor([-1, 0]), torch.tensor([1, 2]),
+                    torch.tensor([0.0, 0.0]), 1)
     assert tie.token_list == [1]
 
 

@@ -97,6 +97,15 @@ def test_training_raises_agreement_and_drafts_get_accepted(tiny, trained):
     assert trained_mean > 2.0 and trained_mean > sum(gains["untrained"]) / 5 + 0.5, gains
 
 
+def test_expected_lengths_are_measured_and_used(tiny, trained):
+    e = trained.record["expected_lengths"]
+    assert len(e) == 65 and e[0] == 1.0
+    assert all(b >= a for a, b in zip(e, e[1:]))  # more nodes never lose an accepted draft
+    assert e[-1] > 1.5  # the trained head's drafts are accepted when decoding held-out prompts
+    drafter = eagle_drafter(SimpleNamespace(backbone=tiny.backbone, name="tiny", folder=None), trained.out)
+    assert drafter.expected_lengths == e
+
+
 def test_a_head_of_another_model_is_refused(tiny, trained):
     cfg = tiny_config()
     other = build_llama(cfg, hf_reference(cfg, 9, torch.float32).state_dict(), dtype=torch.float32)

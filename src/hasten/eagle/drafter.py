@@ -53,6 +53,10 @@ class EagleDrafter:
         self.embed = embed.detach()
         self.dtype = dtype
         self.cache: EagleCache | None = None
+        self.last_ranks = torch.empty(0, dtype=torch.long)  # rank of each node of the last tree
+        # E(n), expected tokens per step with the best n nodes, measured by decoding
+        # (`calibrate.py`); the engine's calibrated tree-size rule corrects it online.
+        self.expected_lengths: list[float] | None = None
 
     # ---- the drafter protocol -----------------------------------------------------------
 
@@ -151,21 +155,24 @@ class EagleDrafter:
             frontier = torch.arange(count, count + child_top.numel(), device=dev)
             feats = out.repeat_interleave(k, dim=0)
             count += child_top.numel()
-        return rerank(torch.cat(tokens), torch.cat(parents), torch.cat(depths),
-                      torch.cat(scores), size)
+        tree, self.last_ranks = rerank(torch.cat(tokens), torch.cat(parents), torch.cat(depths),
+                                       torch.cat(scores), size)
+        return tree
 
 
 def rerank(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,
-           scores: torch.Tensor, size: int) -> DraftTree:
-    """The `size` best candidates by cumulative log-prob as a DraftTree (parents first).
-    Ties go to the shallower node, so a kept node's parent is always kept."""
+           scores: torch.Tensor, size: int) -> tuple[DraftTree, torch.Tensor]:
+    """The `size` best candidates by cumulative log-prob as a DraftTree (parents first), and
+    each node's rank (0 = best). Ties go to the shallower node, so a kept node's parent is
+    always kept, and the best n nodes of any tree are a tree."""
     by_depth = torch.sort(depths, stable=True).indices
     best = by_depth[torch.sort(scores[by_depth], descending=True, stable=True).indices][:size]
-    kept = best[torch.sort(depths[best], stable=True).indices]  # breadth-first, best first
+    rank = torch.sort(depths[best], stable=True).indices
+    kept = best[rank]  # breadth-first, best first
     where = torch.full((tokens.numel() + 1,), -1, dtype=torch.long, device=tokens.device)
     where[kept] = torch.arange(kept.numel(), device=tokens.device)
     new_parents = where[parents[kept]]  # parent -1 reads the last slot, which stays -1
-    return DraftTree(tokens[kept].cpu(), new_parents.cpu())
+    return DraftTree(tokens[kept].cpu(), new_parents.cpu()), rank.cpu()
 
 
 # ---- finding a head for a model ------------------------------------------------------------
@@ -216,5 +223,7 @@ def eagle_drafter(model, head: str | Path | None = None, depth: int | None = Non
     dtype = backbone.dtype if backbone.dtype in (torch.bfloat16, torch.float16, torch.float32) \
         else torch.float32
     module = loaded.head.to(device=backbone.device, dtype=dtype)
-    return EagleDrafter(module, embedding_weight(backbone), lm_head_weight(backbone),
-                        depth=depth or DEPTH)
+    drafter = EagleDrafter(module, embedding_weight(backbone), lm_head_weight(backbone),
+                           depth=depth or DEPTH)
+    drafter.expected_lengths = loaded.meta.get("expected_lengths")
+    return drafter

@@ -260,6 +260,9 @@ def save_head(head: EagleHead, folder: str | Path, base: dict, **extra) -> Path:
     cfg = asdict(head.config)
     cfg["extra"] = {**cfg.get("extra", {}), **extra}
     meta = {"format": FORMAT, "version": VERSION, **cfg, "base_model": base}
+    training = extra.get("training") or {}
+    if training.get("expected_lengths"):
+        meta["expected_lengths"] = training["expected_lengths"]
     tmp = folder / (CONFIG_NAME + ".tmp")
     tmp.write_text(json.dumps(meta, indent=1))
     tmp.replace(folder / CONFIG_NAME)

@@ -212,8 +212,9 @@ def run_eagle(backbone, records: list[dict], out_dir: str | Path, *, name: str |
               model_key: str, cfg: EagleTrainConfig = EagleTrainConfig(), holdout: int = 50,
               draft_vocab: int = 8192, cache_dir: str | Path | None = None,
               cache_tokens: int = 8192, device=None, save_dtype=torch.float16,
-              progress: bool = True) -> dict:
-    """Features -> split -> draft vocabulary -> train -> `out_dir` holds a loadable head."""
+              calibration_prompts: int = 8, progress: bool = True) -> dict:
+    """Features -> split -> draft vocabulary -> train -> E(n) measured by decoding held-out
+    prompts -> `out_dir` holds a loadable head."""
     from ..medusa.heads import base_identity, lm_head_weight
     from .data import build_features, frequent_tokens
     from .drafter import embedding_weight
@@ -230,8 +231,25 @@ def run_eagle(backbone, records: list[dict], out_dir: str | Path, *, name: str |
     torch.manual_seed(cfg.seed)
     record = train_head(head, train, held, embedding_weight(backbone), lm_head_weight(backbone),
                         out_dir, cfg, device or backbone.device, progress)
+    record["expected_lengths"] = expected_lengths(backbone, head, held, calibration_prompts)
     head = head.to("cpu", save_dtype)
     save_head(head, out_dir, base_identity(backbone, name), training=record,
               heldout=record.get("heldout"))
     (out_dir / "checkpoint.pt").unlink(missing_ok=True)
     return record
+
+
+def expected_lengths(backbone, head: EagleHead, held: FeatureCache, prompts: int) -> list[float] | None:
+    """E(n) measured by decoding the prompts of up to `prompts` held-out sequences."""
+    from ..medusa.heads import lm_head_weight
+    from .calibrate import measure_expected_lengths
+    from .drafter import EagleDrafter, embedding_weight
+    if not prompts or not len(held):
+        return None
+    dtype = backbone.dtype
+    runner = EagleHead(head.config).to(backbone.device, dtype)
+    runner.load_state_dict(head.state_dict())
+    runner.draft_vocab = head.draft_vocab.to(backbone.device)
+    drafter = EagleDrafter(runner.eval(), embedding_weight(backbone), lm_head_weight(backbone))
+    seqs = [held.sequence(i) for i in range(min(prompts, len(held)))]
+    return measure_expected_lengths(backbone, drafter, [t[:p].tolist() for t, _, p in seqs])
