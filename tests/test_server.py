@@ -317,7 +317,7 @@ def test_max_tokens_is_capped_at_the_context(model, client):
     assert r.usage.prompt_tokens == CONTEXT - 4 and r.usage.completion_tokens <= 4
 
 
-def test_a_request_naming_a_drafter_gets_the_same_text(model, client):
+def test_lookup_drafter_gives_the_same_text(model, client):
     kwargs = dict(model="tiny", messages=[{"role": "user", "content": "abcabcabcabc"}],
                   max_tokens=60, temperature=0)
     plain = client.chat.completions.create(**kwargs)
@@ -325,9 +325,9 @@ def test_a_request_naming_a_drafter_gets_the_same_text(model, client):
     assert len(plain.choices[0].message.content) >= 20  # not equal by both being empty
     assert fast.choices[0].message.content == plain.choices[0].message.content
     stats = fast.model_extra["hasten"]
-    # Batched steps are plain: the answer says what was asked for and what ran.
-    assert stats["draft_requested"] == "lookup" and stats["draft"] == "none"
-    assert stats["mean_accepted_tokens_per_step"] == 1
+    # Alone on the server, a greedy request speculates (test_server_batching has the rest).
+    assert stats["draft_requested"] == "lookup" and stats["draft"] == "lookup"
+    assert stats["mean_accepted_tokens_per_step"] >= 1
 
 
 def test_api_key(model):

@@ -4,6 +4,7 @@ of the batch). /health and /metrics report the batch."""
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,9 +38,10 @@ def solo(model) -> list[str]:
     return [model.generate(q, 40, temperature=0) for q in QUESTIONS]
 
 
-def ask(client, messages, stream=False, max_tokens=40):
+def ask(client, messages, stream=False, max_tokens=40, draft=None):
     r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=max_tokens,
-                                       temperature=0, stream=stream)
+                                       temperature=0, stream=stream,
+                                       extra_body={"draft": draft} if draft else None)
     if stream:
         chunks = list(r)
         return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1]
@@ -136,3 +138,69 @@ def test_the_queue_limit_counts_free_rows_and_answers_429_before_tokenising(mode
     finally:
         gate.opened.set()
         s.stop()
+
+
+class ForwardGate(Gate):
+    """Holds the model's own forward (the lone speculative path) instead of the batch's step."""
+
+    def __init__(self, monkeypatch, backbone, after: int):
+        self.opened, self.calls, self.after = threading.Event(), 0, after
+        forward = backbone.forward
+
+        def gated(*args, **kwargs):
+            self.calls += 1
+            if self.calls > self.after:
+                assert self.opened.wait(30), "the test never opened the gate"
+            return forward(*args, **kwargs)
+        monkeypatch.setattr(backbone, "forward", gated)
+
+
+REPEAT = [{"role": "user", "content": "abcabcabcabcabcabc"}]
+
+
+def test_a_lone_request_with_a_drafter_decodes_speculatively(model):
+    want = model.generate(REPEAT, 60, temperature=0)
+    s = Server(create_app(model, log=False, tree_size=4))
+    try:
+        text, r = ask(s.client(), REPEAT, max_tokens=60, draft="lookup")
+    finally:
+        s.stop()
+    stats = r.model_extra["hasten"]
+    assert text == want and len(want) >= 20
+    assert stats["draft"] == "lookup" and stats["mean_accepted_tokens_per_step"] > 1
+    assert stats["steps"] < r.usage.completion_tokens - 1  # fewer forwards than tokens
+
+
+def test_a_speculating_request_joins_the_batch_when_company_arrives(model, monkeypatch):
+    want = [model.generate(REPEAT, 60, temperature=0), model.generate(QUESTIONS[2], 40, temperature=0)]
+    s = Server(create_app(model, log=False, tree_size=4))
+    engine = s.app.state.engine
+    gate = ForwardGate(monkeypatch, model.backbone, after=3)  # prefill + 2 speculative steps
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            lone = pool.submit(ask, s.client(), REPEAT, max_tokens=60, draft="lookup")
+            wait_for(lambda: gate.calls > 3, "the lone request to reach the gate")
+            assert engine.solo is not None
+            other = pool.submit(ask, s.client(), QUESTIONS[2])
+            wait_for(lambda: engine.queued == 1, "the second request to wait")
+            gate.opened.set()
+            (text_a, ra), (text_b, rb) = lone.result(30), other.result(30)
+        assert [text_a, text_b] == want
+        stats = ra.model_extra["hasten"]
+        assert stats["draft"] == "lookup" and stats["max_batch_size"] == 2
+        assert rb.model_extra["hasten"]["max_batch_size"] == 2
+    finally:
+        gate.opened.set()
+        s.stop()
+
+
+def test_sampled_requests_with_a_drafter_decode_plain(model):
+    s = Server(create_app(model, log=False, tree_size=4))
+    try:
+        r = s.client().chat.completions.create(model="tiny", messages=REPEAT, max_tokens=20,
+                                               temperature=0.8, seed=3, extra_body={"draft": "lookup"})
+    finally:
+        s.stop()
+    assert r.model_extra["hasten"]["draft"] == "none"
+    assert r.model_extra["hasten"]["draft_requested"] == "lookup"
+    assert r.choices[0].message.content == model.generate(REPEAT, 20, temperature=0.8, seed=3)

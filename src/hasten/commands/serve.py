@@ -87,7 +87,10 @@ def run(args) -> None:
     if tenants:
         from ..bitdelta.serving import tenant_backbone
         backbone = tenant_backbone(model, tenants)
-    model.drafter(spec)  # a drafter that cannot be built fails here, not in the first request
+    if model.drafter(spec) is not None:  # one that cannot be built fails here, not in a request
+        model.exactness()  # measured once (cached on disk), not during the first request
+        if args.tree_size is None:
+            model.cost_curve()
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     context = args.context or min(model.max_positions, DEFAULT_CONTEXT)
     app = create_app(model, api_key=api_key, draft=spec, tree_size=args.tree_size,

@@ -23,7 +23,8 @@ Exactness (see DESIGN.md): a sequence's tokens must not depend on who else is in
   to `hasten generate`); two or more rows share one masked SDPA call, whose rounding depends
   on the batch, like speculative decoding in this mode ("not exact", rare token differences).
 
-Speculative trees are not verified inside the batch: every sequence decodes plain.
+Speculative trees are not verified inside the batch: every sequence decodes plain. A sequence
+decoded speculatively alone (on the model's own cache) can join with `adopt`.
 """
 
 from __future__ import annotations
@@ -100,6 +101,25 @@ class BatchedDecoder:
         logits = m.lm_head(m.norm(x)[:, -1:])[0, -1]
         seq.length, seq.root = t, int(choose(logits, params, generator))
         seq.tokens.append(seq.root)
+        self.sequences.append(seq)
+        return seq
+
+    @torch.inference_mode()
+    def adopt(self, solo: LlamaModel, tokens: list[int], prompt_len: int,
+              params: SamplingParams = SamplingParams(), generator: torch.Generator | None = None,
+              tenant: int = -1) -> Sequence:
+        """A sequence decoded so far on `solo` (a backbone with the same weights and one cache
+        row, e.g. by speculative decoding) joins the batch: its committed cache is copied into
+        a free row; `tokens` are those generated so far, the last one the root (not cached)."""
+        if not self.free:
+            raise RuntimeError(f"all {self.rows} rows are busy")
+        length = solo.length
+        if length + 1 > self.capacity:
+            raise ContextFullError(f"a sequence of {length} entries does not fit a batch row")
+        row = len(self.sequences)
+        self.k[:, row, :, :length] = solo._k[:, 0, :, :length]  # noqa: SLF001 - the solo cache
+        self.v[:, row, :, :length] = solo._v[:, 0, :, :length]  # noqa: SLF001
+        seq = Sequence(prompt_len, params, generator, tenant, length, tokens[-1], list(tokens))
         self.sequences.append(seq)
         return seq
 

@@ -11,8 +11,13 @@ the worker
 
 Each request streams its text pieces back to the event loop through an asyncio queue
 (`Job.post`). A request's tokens do not depend on who else is in the batch (see
-`decoding/batched.py`). Requests that name a drafter decode plain inside the batch: trees are
-not verified in batched steps (their greedy answers are the same tokens either way).
+`decoding/batched.py`).
+
+Drafters: trees are not verified in batched steps. A greedy request with a drafter that finds
+the server idle decodes speculatively alone (the model's own engine and cache); when another
+request arrives it joins the batch at its next step boundary (its cache copied into a row) and
+decodes plain from there: the same tokens either way. Sampled requests always decode plain,
+so a seed gives the same sample whoever else is served.
 """
 
 from __future__ import annotations
@@ -150,6 +155,9 @@ class Running:
     count: int = 0
     batch_size: int = 1
     held: list[str] = field(default_factory=list)  # text of a non-streaming job, until it ends
+    solo: object = None  # the speculative token stream while it decodes alone (no `seq`)
+    drafted: bool = False  # decoded speculatively for a while
+    tokens: list[int] = field(default_factory=list)  # delivered so far
 
     def emit(self, text: str) -> None:
         """A stream gets each piece at once; a non-streaming answer gets one event at the end
@@ -192,6 +200,7 @@ class Engine:
         self.running: list[Running] = []
         self.served = 0
         self.finished: collections.deque[Outcome] = collections.deque(maxlen=64)
+        self.solo: Running | None = None  # a lone request decoding speculatively
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._stopping = False
@@ -256,9 +265,13 @@ class Engine:
         while not self._stopping:
             try:
                 self._release_done()
-                if not self._admit():
+                if self.solo is not None and not self.jobs.empty():
+                    self._join_batch(self.solo)  # company arrived: the lone one decodes batched
+                if self.solo is None and not self._admit():
                     return
-                if self.running:
+                if self.solo is not None:
+                    self._solo_step(self.solo)
+                elif self.running:
                     self._step()
             except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
                 self._fail_all(e)
@@ -285,8 +298,11 @@ class Engine:
 
     def _start(self, job: Job) -> None:
         start = time.perf_counter()
-        stats = GenerationStats(prompt_tokens=len(job.prompt_ids), exact=self.exact)
         params = SamplingParams(job.temperature, job.top_k, job.top_p)
+        if self._speculates_alone(job, params):
+            self._start_solo(job, start)
+            return
+        stats = GenerationStats(prompt_tokens=len(job.prompt_ids), exact=self.exact)
         generator = None if job.seed is None else torch.Generator().manual_seed(job.seed)
         seq = self.decoder.add(job.prompt_ids, params, generator, job.tenant)
         run = Running(job, seq, Detokenizer(self.model.tokenizer), StopMatcher(job.stop), stats,
@@ -296,6 +312,52 @@ class Engine:
         self.metrics.ttft.observe(time.perf_counter() - job.created)
         self.metrics.generated(1)
         self._deliver(run, seq.root)
+
+    # ---- a lone request with a drafter: speculative decoding until company arrives -------
+
+    def _speculates_alone(self, job: Job, params: SamplingParams) -> bool:
+        """Greedy only: a sampled answer must not depend on when others arrive (speculative
+        sampling draws differently from plain sampling; greedy gives the same tokens)."""
+        return (job.drafter is not None and params.greedy and not self.running
+                and self.jobs.empty() and not self.decoder.route_tenants)
+
+    def _start_solo(self, job: Job, start: float) -> None:
+        model = self.model
+        tree_size = job.tree_size if job.tree_size is not None else self.tree_size
+        tokens = model.generate_ids(job.prompt_ids, job.max_tokens, draft=job.drafter,
+                                    tree_size=tree_size, typical=self.typical)
+        run = Running(job, None, Detokenizer(model.tokenizer), StopMatcher(job.stop),
+                      model.last_stats, start, start - job.created, solo=tokens, drafted=True)
+        self.running.append(run)
+        self.solo = run
+        self._solo_step(run)  # the prefill and the first token
+        self.metrics.ttft.observe(time.perf_counter() - job.created)
+
+    def _solo_step(self, run: Running) -> None:
+        """The tokens of one speculative step (or of the prefill), delivered."""
+        stats = run.stats
+        while True:
+            try:
+                token = next(run.solo)
+            except StopIteration:
+                stats.finish_reason = stats.finish_reason or "length"
+                return
+            self.metrics.generated(1)
+            self._deliver(run, token)
+            if stats.finish_reason or run.job.cancelled.is_set():
+                return
+            if stats.new_tokens == 1 + sum(stats.accepted):  # all of this step's tokens are out
+                if stats.accepted:
+                    self.metrics.accepted.observe(stats.accepted[-1])
+                return
+
+    def _join_batch(self, run: Running) -> None:
+        """Move the lone speculative request into the batch, at its step boundary: its
+        committed cache is copied into a batch row; it decodes plain from here on."""
+        run.solo.close()
+        run.seq = self.decoder.adopt(self.model.backbone, run.tokens, len(run.job.prompt_ids),
+                                     tenant=run.job.tenant)
+        run.solo, self.solo = None, None
 
     def _step(self) -> None:
         rows = len(self.running)
@@ -316,6 +378,7 @@ class Engine:
         job, stats = run.job, run.stats
         if job.cancelled.is_set():  # the client is gone: the token is never delivered
             return
+        run.tokens.append(token)
         run.count += 1
         stats.new_tokens = run.count
         stats.total_time = time.perf_counter() - run.start
@@ -327,7 +390,8 @@ class Engine:
             run.emit(text)
         if hit:
             stats.finish_reason = "stop"
-        elif run.count >= job.max_tokens or run.seq.length + 1 > self.decoder.capacity:
+        elif run.count >= job.max_tokens or (run.seq is not None and
+                                             run.seq.length + 1 > self.decoder.capacity):
             stats.finish_reason = "length"
 
     def _release_done(self) -> None:
@@ -339,9 +403,7 @@ class Engine:
                        and now - job.created > self.request_timeout)
             if not (stats.finish_reason or job.cancelled.is_set() or overdue):
                 continue
-            self.running.remove(run)
-            self.decoder.remove(run.seq)
-            self.served += 1
+            self._free(run)
             if job.cancelled.is_set():
                 outcome = self._outcome(run, "cancelled")
             else:
@@ -358,8 +420,18 @@ class Engine:
             self.metrics.requests.labels("time_limit" if overdue else outcome.finish_reason).inc()
             job.post("done", outcome)
 
+    def _free(self, run: Running) -> None:
+        self.running.remove(run)
+        self.served += 1
+        if run.solo is not None:
+            run.solo.close()
+            run.solo, self.solo = None, None
+        if run.seq is not None:
+            self.decoder.remove(run.seq)
+
     def _outcome(self, run: Running, finish: str) -> Outcome:
-        return Outcome(finish, run.count, run.stats, "none", run.queue_time, run.batch_size,
+        draft = run.job.draft if run.drafted else "none"
+        return Outcome(finish, run.count, run.stats, draft, run.queue_time, run.batch_size,
                        requested_draft=run.job.draft)
 
     def _end_unstarted(self, job: Job, finish: str) -> None:
@@ -373,8 +445,6 @@ class Engine:
         print(f"hasten serve: a batched step failed: {type(e).__name__}: {e}", file=sys.stderr,
               flush=True)
         for run in list(self.running):
-            self.running.remove(run)
-            self.decoder.remove(run.seq)
-            self.served += 1
+            self._free(run)
             self.metrics.requests.labels("error").inc()
             run.job.post("error", e)
