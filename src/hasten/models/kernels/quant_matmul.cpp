@@ -30,10 +30,17 @@ inline float half_at(const uint8_t* p) {
 }
 
 #if defined(__AVX512F__)
+// float16 -> float32 in one instruction (F16C; every AVX-512 CPU has it): exact, as above.
+inline float half_fast(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return _cvtsh_ss(bits);
+}
+
 // The 32 weights of one block as two vectors (weights 0..15, 16..31).
 inline void dequant_q4_1(const uint8_t* blk, __m512& w0, __m512& w1) {
-  const __m512 d = _mm512_set1_ps(half_at(blk));
-  const __m512 m = _mm512_set1_ps(half_at(blk + 2));
+  const __m512 d = _mm512_set1_ps(half_fast(blk));
+  const __m512 m = _mm512_set1_ps(half_fast(blk + 2));
   const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4)));
   const __m512i lo = _mm512_and_si512(bytes, _mm512_set1_epi32(0x0F));
   const __m512i hi = _mm512_srli_epi32(bytes, 4);
@@ -43,43 +50,60 @@ inline void dequant_q4_1(const uint8_t* blk, __m512& w0, __m512& w1) {
 }
 
 inline void dequant_q8_0(const uint8_t* blk, __m512& w0, __m512& w1) {
-  const __m512 d = _mm512_set1_ps(half_at(blk));
+  const __m512 d = _mm512_set1_ps(half_fast(blk));
   const __m128i* q = reinterpret_cast<const __m128i*>(blk + 2);
   w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))), d);
   w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))), d);
 }
 
-// R rows of x against one weight row: y[r * ldy] = sum_k x[r, k] * w[k].
-template <int R, void (*Dequant)(const uint8_t*, __m512&, __m512&), int64_t BYTES>
-inline void dot_rows(const float* x, int64_t ldx, const uint8_t* wrow, int64_t nb, float* y,
-                     int64_t ldy) {
-  __m512 a0[R], a1[R];
-  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+// R rows of x against C consecutive weight rows: y[r * ldy + c] = sum_k x[r, k] * w_c[k].
+// Each output has its own two accumulators, so its bits do not depend on R or C; several
+// outputs at once only hide the latency of each one's chain of multiply-adds.
+template <int R, int C, void (*Dequant)(const uint8_t*, __m512&, __m512&), int64_t BYTES>
+inline void dot_tile(const float* x, int64_t ldx, const uint8_t* wrow, int64_t row_bytes,
+                     int64_t nb, float* y, int64_t ldy) {
+  __m512 a0[R][C], a1[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) a0[r][c] = a1[r][c] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    __m512 w0, w1;
-    Dequant(wrow + b * BYTES, w0, w1);
+    __m512 w0[C], w1[C];
+    for (int c = 0; c < C; ++c) Dequant(wrow + c * row_bytes + b * BYTES, w0[c], w1[c]);
     const float* xb = x + b * QK;
     for (int r = 0; r < R; ++r) {
-      a0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xb + r * ldx), w0, a0[r]);
-      a1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xb + r * ldx + 16), w1, a1[r]);
+      const __m512 x0 = _mm512_loadu_ps(xb + r * ldx), x1 = _mm512_loadu_ps(xb + r * ldx + 16);
+      for (int c = 0; c < C; ++c) {
+        a0[r][c] = _mm512_fmadd_ps(x0, w0[c], a0[r][c]);
+        a1[r][c] = _mm512_fmadd_ps(x1, w1[c], a1[r][c]);
+      }
     }
   }
-  for (int r = 0; r < R; ++r) y[r * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) y[r * ldy + c] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r][c], a1[r][c]));
 }
 
+// Weight rows [n0, n1) against `rows` (1..8) rows of x: four weight rows at a time where the
+// registers allow (fewer x rows), then one at a time.
 template <void (*Dequant)(const uint8_t*, __m512&, __m512&), int64_t BYTES>
-void tile(const float* x, int64_t ldx, int rows, const uint8_t* wrow, int64_t nb, float* y,
-          int64_t ldy) {
+void tile(const float* x, int64_t ldx, int rows, const uint8_t* w, int64_t row_bytes,
+          int64_t n0, int64_t n1, int64_t nb, float* y, int64_t ldy) {
+  int64_t n = n0;
+#define HASTEN_TILE(R, C)                                                                      \
+  for (; n + C <= n1; n += C)                                                                  \
+    dot_tile<R, C, Dequant, BYTES>(x, ldx, w + n * row_bytes, row_bytes, nb, y + n, ldy);       \
+  for (; n < n1; ++n)                                                                          \
+    dot_tile<R, 1, Dequant, BYTES>(x, ldx, w + n * row_bytes, row_bytes, nb, y + n, ldy);       \
+  break;
   switch (rows) {
-    case 1: dot_rows<1, Dequant, BYTES>(x, ldx, wrow, nb, y, ldy); break;
-    case 2: dot_rows<2, Dequant, BYTES>(x, ldx, wrow, nb, y, ldy); break;
-    case 3: dot_rows<3, Dequant, BYTES>(x, ldx, wrow, nb, y, ldy); break;
-    case 4: dot_rows<4, Dequant, BYTES>(x, ldx, wrow, nb, y, ldy); break;
-    case 5: dot_rows<5, Dequant, BYTES>(x, ldx, wrow, nb, y, ldy); break;
-    case 6: dot_rows<6, Dequant, BYTES>(x, ldx, wrow, nb, y, ldy); break;
-    case 7: dot_rows<7, Dequant, BYTES>(x, ldx, wrow, nb, y, ldy); break;
-    default: dot_rows<8, Dequant, BYTES>(x, ldx, wrow, nb, y, ldy); break;
+    case 1: HASTEN_TILE(1, 4)
+    case 2: HASTEN_TILE(2, 4)
+    case 3: HASTEN_TILE(3, 2)
+    case 4: HASTEN_TILE(4, 2)
+    case 5: HASTEN_TILE(5, 1)
+    case 6: HASTEN_TILE(6, 1)
+    case 7: HASTEN_TILE(7, 1)
+    default: HASTEN_TILE(8, 1)
   }
+#undef HASTEN_TILE
 }
 #endif
 
@@ -116,26 +140,26 @@ torch::Tensor block_matmul(const torch::Tensor& x, const torch::Tensor& blocks, 
   const uint8_t* wp = blocks.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   const int64_t row_bytes = nb * bytes;
-  // Split N across threads in chunks small enough that a chunk's weights stay in L2 while
-  // every row tile passes over them.
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  // Split N across threads only where each thread gets enough work (~256k multiply-adds):
+  // waking threads costs more than a small layer (and far more on a busy machine). Chunks of
+  // 64 weight rows stay in L2 while every row tile passes over them.
+  const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 18) / std::max<int64_t>(1, K * M));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     constexpr int64_t CHUNK = 64;
     for (int64_t c0 = n0; c0 < n1; c0 += CHUNK) {
       const int64_t c1 = std::min(n1, c0 + CHUNK);
       for (int64_t r0 = 0; r0 < M; r0 += 8) {
         const int rows = static_cast<int>(std::min<int64_t>(8, M - r0));
-        for (int64_t n = c0; n < c1; ++n) {
-          const uint8_t* wrow = wp + n * row_bytes;
 #if defined(__AVX512F__)
-          if (q4_1)
-            tile<dequant_q4_1, Q4_1_BYTES>(xp + r0 * K, K, rows, wrow, nb, yp + r0 * N + n, N);
-          else
-            tile<dequant_q8_0, Q8_0_BYTES>(xp + r0 * K, K, rows, wrow, nb, yp + r0 * N + n, N);
+        if (q4_1)
+          tile<dequant_q4_1, Q4_1_BYTES>(xp + r0 * K, K, rows, wp, row_bytes, c0, c1, nb, yp + r0 * N, N);
+        else
+          tile<dequant_q8_0, Q8_0_BYTES>(xp + r0 * K, K, rows, wp, row_bytes, c0, c1, nb, yp + r0 * N, N);
 #else
+        for (int64_t n = c0; n < c1; ++n)
           for (int r = 0; r < rows; ++r)
-            yp[(r0 + r) * N + n] = scalar_dot(xp + (r0 + r) * K, wrow, nb, q4_1);
+            yp[(r0 + r) * N + n] = scalar_dot(xp + (r0 + r) * K, wp + n * row_bytes, nb, q4_1);
 #endif
-        }
       }
     }
   });
