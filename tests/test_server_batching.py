@@ -204,3 +204,21 @@ def test_sampled_requests_with_a_drafter_decode_plain(model):
     assert r.model_extra["hasten"]["draft"] == "none"
     assert r.model_extra["hasten"]["draft_requested"] == "lookup"
     assert r.choices[0].message.content == model.generate(REPEAT, 20, temperature=0.8, seed=3)
+
+
+def test_a_client_that_stalls_while_sending_its_body_gets_408(model):
+    import socket
+
+    s = Server(create_app(model, log=False, body_timeout=0.3))
+    try:
+        host, port = s.url.removeprefix("http://").split(":")
+        sock = socket.create_connection((host, int(port)))
+        sock.settimeout(20)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: 5000\r\n\r\n{\"messages\": ")
+        reply = sock.recv(4096).decode()  # the rest of the body never comes
+        sock.close()
+        assert reply.startswith("HTTP/1.1 408") and "request_timeout" in reply
+        assert httpx.get(f"{s.url}/health").json()["status"] == "ok"
+    finally:
+        s.stop()

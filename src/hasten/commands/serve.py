@@ -41,6 +41,9 @@ def register(subparsers) -> None:
                         "Retry-After at once (default: no limit)")
     s.add_argument("--max-request-bytes", type=int, default=1 << 20,
                    help="largest request body accepted; larger ones get 413 (default: 1 MiB)")
+    s.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client may take to send its request body; slower ones get 408 "
+                        "(default 30)")
     s.add_argument("--max-batch", type=int, default=8,
                    help="requests generating together, one batched forward per step (default 8); "
                         "the KV cache holds --max-batch x --context entries")
@@ -95,7 +98,8 @@ def run(args) -> None:
     context = args.context or min(model.max_positions, DEFAULT_CONTEXT)
     app = create_app(model, api_key=api_key, draft=spec, tree_size=args.tree_size,
                      typical=args.typical, max_queue=args.max_queue,
-                     max_request_bytes=args.max_request_bytes, max_batch=args.max_batch,
+                     max_request_bytes=args.max_request_bytes, body_timeout=args.body_timeout,
+                     max_batch=args.max_batch,
                      context=context, request_timeout=args.request_timeout,
                      tenants=list(tenants), backbone=backbone)
     warn_if_rows_depend_on_the_batch(app.state.engine, args.max_batch)

@@ -110,23 +110,29 @@ def generation_error(e: Exception) -> APIError:
 
 
 MAX_REQUEST_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits the context
+BODY_TIMEOUT_S = 30.0  # a client that takes longer to send its body is cut off (slow loris)
 
 
-async def read_json(request: Request, limit: int = MAX_REQUEST_BYTES) -> dict:
+async def read_json(request: Request, limit: int = MAX_REQUEST_BYTES,
+                    timeout: float = BODY_TIMEOUT_S) -> dict:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:  # refused before reading a byte of it
         raise APIError(413, f"the request body is {int(declared)} bytes; this server takes at "
                        f"most {limit}", code="request_too_large")
     chunks, size = [], 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise APIError(413, f"the request body exceeds {limit} bytes",
-                               code="request_too_large")
-            chunks.append(chunk)
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, f"the request body exceeds {limit} bytes",
+                                   code="request_too_large")
+                chunks.append(chunk)
     except ClientDisconnect:  # the client gave up while uploading: one log line, no traceback
         raise APIError(400, "client disconnected while sending the body") from None
+    except TimeoutError:
+        raise APIError(408, f"the request body took more than {timeout:g} s to arrive",
+                       code="request_timeout", headers={"Connection": "close"}) from None
     raw = b"".join(chunks)
     if not raw.strip():
         raise APIError(400, "the request body is empty; send a JSON object")
@@ -145,6 +151,7 @@ async def read_json(request: Request, limit: int = MAX_REQUEST_BYTES) -> dict:
 def create_app(model, api_key: str | None = None, draft: DraftSpec = DraftSpec(), *,
                tree_size: int | None = None, typical: bool = False, log: bool = True,
                max_queue: int | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
+               body_timeout: float = BODY_TIMEOUT_S,
                max_batch: int = 8, context: int | None = None,
                request_timeout: float | None = None, tenants: list[str] = (),
                backbone=None) -> FastAPI:
@@ -153,7 +160,9 @@ def create_app(model, api_key: str | None = None, draft: DraftSpec = DraftSpec()
     `draft`: the drafter used when a request names none, and the options (datastore, heads,
     draft model) of any drafter a request names. `tree_size`: most draft nodes per step
     (None: chosen per step). `max_queue`: requests waiting for a batch row; more are answered
-    429 at once (None: no limit). `max_request_bytes`: larger bodies get 413. `max_batch`:
+    429 at once (None: no limit). `max_request_bytes`: larger bodies get 413; bodies slower
+    than `body_timeout` seconds get 408 (idle keep-alive connections: uvicorn closes them
+    after 5 s). `max_batch`:
     requests generating together; `context`: cache entries per request (default: the
     model's context). `request_timeout`: seconds from arrival after which a generation ends
     (finish "length", `time_limit` in its stats). `tenants`: BitDelta tenant names, tenant k
@@ -291,7 +300,7 @@ def create_app(model, api_key: str | None = None, draft: DraftSpec = DraftSpec()
                    model_name=served_as, stream=opts.stream)
 
     async def complete(request: Request, chat: bool):
-        body = await read_json(request, max_request_bytes)
+        body = await read_json(request, max_request_bytes, body_timeout)
         if app.state.draining:
             raise APIError(503, "the server is shutting down; retry on another instance",
                            type="server_error", code="shutting_down", headers={"Retry-After": "5"})
