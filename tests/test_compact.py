@@ -137,3 +137,29 @@ def test_compact_refuses_what_it_cannot_do(tmp_path, cache, tiny_folder):
     _, path = tiny_gguf(tmp_path)
     with pytest.raises(HastenError, match="float32"):
         load_backbone(str(path), dtype="bfloat16", weights="compact")
+
+
+def test_logical_attention_depends_on_a_querys_own_keys_only(kernel):
+    """The compiled float32 attention: one query's output is the same bits alone or among
+    others, wherever its keys sit in the cache, and close to softmax(q k) v."""
+    from hasten.models.exact_attention import plan_keys
+    from hasten.models.quant_kernels import logical_attention
+    g = torch.Generator().manual_seed(0)
+    heads, kv, d, start, t = 6, 2, 32, 70, 5
+    q = torch.randn(1, heads, t, d, generator=g)
+    k, v = torch.randn(1, kv, 96, d, generator=g), torch.randn(1, kv, 96, d, generator=g)
+    mask = torch.ones(t, start + t, dtype=torch.bool)
+    mask[:, start:] = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0],
+                                    [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]], dtype=torch.bool)
+    out = logical_attention(q, k, v, plan_keys(mask, start, t, "cpu", False, True), d ** -0.5)
+    for i in range(t):  # query i alone, its keys moved to the front of another cache
+        slots = mask[i].nonzero().squeeze(1)
+        k2, v2 = torch.zeros_like(k), torch.zeros_like(v)
+        k2[:, :, :len(slots)], v2[:, :, :len(slots)] = k[:, :, slots], v[:, :, slots]
+        plan = plan_keys(None, len(slots) - 1, 1, "cpu", False, True)
+        alone = logical_attention(q[:, :, i:i + 1], k2, v2, plan, d ** -0.5)
+        assert torch.equal(alone[0, :, 0], out[0, :, i]), i
+        kk = k[0, :, slots].repeat_interleave(heads // kv, 0)
+        vv = v[0, :, slots].repeat_interleave(heads // kv, 0)
+        want = torch.softmax(q[0, :, i:i + 1] @ kk.transpose(-1, -2) * d ** -0.5, -1) @ vv
+        torch.testing.assert_close(out[0, :, i], want[:, 0], rtol=1e-5, atol=1e-5)

@@ -25,7 +25,7 @@ from .config import LlamaConfig
 from .gguf_convert import (_ROPE_FREQS, PERMUTED_ARCHS, _dequantize, architecture, hf_tensor_name,
                            open_gguf, unpermute_rope_rows)
 from .llama import Dense, LlamaModel
-from .quant_kernels import BLOCK, BLOCK_BYTES, block_matmul, dequantize_blocks
+from .quant_kernels import BLOCK, BLOCK_BYTES, block_matmul, can_fuse_attention, dequantize_blocks
 
 
 class QuantDense(nn.Module):
@@ -168,4 +168,5 @@ def build_compact_llama(cfg: LlamaConfig, gguf_path: str | Path) -> tuple[LlamaM
     # `Model.choose_attention` before exact attention is switched on.
     model.share_past_blocks = False
     model.pad_plain_steps = False
+    model.fused_attention = can_fuse_attention(cfg.head_dim, torch.float32)
     return model.eval().requires_grad_(False), summary

@@ -37,14 +37,18 @@ class KeyPlan(NamedTuple):
     # query after the committed past, read in place: the same values as gathered, no copy)
     tail_slots: torch.Tensor | None
     tail_hidden: torch.Tensor  # bool [T, W / BLOCK, 1, BLOCK]: True past the query's own keys
+    # long [T]: keys per query; set where the compiled float32 kernel runs instead (`fused`)
+    counts: torch.Tensor | None = None
 
 
-def plan_keys(mask: torch.Tensor | None, start: int, t: int, device, share: bool = True) -> KeyPlan:
+def plan_keys(mask: torch.Tensor | None, start: int, t: int, device, share: bool = True,
+              fused: bool = False) -> KeyPlan:
     """The plan for `t` queries after `start` committed slots; `mask` [t, start + t] (True =
     may attend) or None for plain causal. Slots a query attends, in slot order, are its
     logical keys (trees are stored parents first, so ancestors come in order). `share=False`
     gathers every query's keys: its score matmuls then have G rows whatever `t` is, which
-    float32 needs (MKL rounds a row of a 3-row and of a 3t-row product differently)."""
+    float32 needs (MKL rounds a row of a 3-row and of a 3t-row product differently).
+    `fused` (float32, `share=False`): the plan of the compiled kernel, `logical_attention`."""
     if mask is None:
         mask = torch.ones(t, start + t, dtype=torch.bool, device=device).tril(diagonal=start)
     counts = mask.sum(-1)  # keys per query = its position + 1
@@ -53,8 +57,10 @@ def plan_keys(mask: torch.Tensor | None, start: int, t: int, device, share: bool
     shared = (start // BLOCK) * BLOCK if t > 2 and share else 0
     width = max(BLOCK, -(-(int(counts.max()) - shared) // BLOCK) * BLOCK)
     if t == 1 and shared == 0 and bool(mask.all()):  # one query over everything: in order
-        hidden = torch.arange(width, device=device)[None] >= counts[:, None]
-        return KeyPlan(0, None, hidden.reshape(1, width // BLOCK, 1, BLOCK))
+        positions = torch.arange(width, device=device)[None]
+        hidden = positions >= counts[:, None]
+        return KeyPlan(0, positions if fused else None,
+                       hidden.reshape(1, width // BLOCK, 1, BLOCK), counts if fused else None)
     logical = mask.long().cumsum(-1) - 1  # logical index of each attended slot
     slots = torch.arange(mask.shape[-1], device=device).expand_as(mask)
     keep = mask & (logical >= shared)
@@ -62,7 +68,8 @@ def plan_keys(mask: torch.Tensor | None, start: int, t: int, device, share: bool
     tail_slots = torch.zeros(t, width, dtype=torch.long, device=device)
     tail_slots[rows[keep], logical[keep] - shared] = slots[keep]
     hidden = torch.arange(width, device=device)[None] >= (counts - shared)[:, None]
-    return KeyPlan(shared, tail_slots, hidden.reshape(t, width // BLOCK, 1, BLOCK))
+    return KeyPlan(shared, tail_slots, hidden.reshape(t, width // BLOCK, 1, BLOCK),
+                   counts if fused and shared == 0 else None)
 
 
 def _block_partials(scores: torch.Tensor, values: torch.Tensor, dtype) -> tuple:
@@ -76,6 +83,9 @@ def _block_partials(scores: torch.Tensor, values: torch.Tensor, dtype) -> tuple:
 def exact_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     plan: KeyPlan, scale: float) -> torch.Tensor:
     """q [1, H, T, D] against one row of the cache k/v [1, KV, capacity, D] -> [1, H, T, D]."""
+    if plan.counts is not None:  # the compiled kernel: same keys, same order, one call
+        from .quant_kernels import logical_attention
+        return logical_attention(q, k_cache, v_cache, plan, scale)
     _, heads, t, d = q.shape
     kv = k_cache.shape[1]
     group = heads // kv

@@ -163,6 +163,10 @@ class LlamaModel(nn.Module):
         # Exact plain steps run as two rows (see `_padded_step`) where one-row matmuls round
         # differently; kernels whose rows never depend on the row count (compact) need not.
         self.pad_plain_steps = True
+        # Exact attention through the compiled float32 kernel (`quant_kernels.logical_attention`)
+        # instead of blocked torch ops: other bits, the same for plain and verify; needs
+        # share_past_blocks False. Compact weights turn it on where the kernel builds.
+        self.fused_attention = False
 
     # The final norm's weight, not the embedding's: compact weights keep the embedding as
     # quantized blocks (see `compact.py`) but always compute in the norm's dtype.
@@ -278,7 +282,7 @@ class LlamaModel(nn.Module):
         plan = None
         if self.exact and b == 1 and start > 0:  # prefill stays on SDPA: both runs share it
             plan = plan_keys(None if mask is None else mask[0], start, t, self.device,
-                             self.share_past_blocks)
+                             self.share_past_blocks, self.fused_attention)
         elif mask is None and start > 0 and t > 1:
             mask = causal_mask(start, t, self.device).expand(b, t, start + t)
         if mask is not None:

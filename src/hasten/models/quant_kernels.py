@@ -122,3 +122,20 @@ def block_matmul(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tens
     else:
         y = torch_block_matmul(x2, blocks, kind)
     return y.reshape(*lead, blocks.shape[0])
+
+
+def logical_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan,
+                      scale: float) -> torch.Tensor:
+    """`exact_attention` for a float32 plan with `counts` (see `exact_attention.plan_keys`),
+    computed by the compiled kernel over the keys where they lie in the cache: q [1, H, T, D]
+    -> [1, H, T, D]. Every query reduces over its logical keys in order, whatever the batch."""
+    out = kernel_module().logical_attention(q[0].contiguous(), k_cache[0], v_cache[0],
+                                            plan.tail_slots, plan.counts, scale)
+    return out[None]
+
+
+def can_fuse_attention(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether `logical_attention` runs for this model: float32, head_dim a multiple of 16,
+    and the kernel built here."""
+    return dtype == torch.float32 and head_dim % 16 == 0 and head_dim <= 256 and \
+        kernel_module() is not None

@@ -10,6 +10,9 @@
 // scalar loop below runs (the same values per row; other bits than the AVX-512 path).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <cmath>
+#include <vector>
 #include <c10/util/Half.h>
 #include <cstdint>
 #include <cstring>
@@ -174,6 +177,78 @@ torch::Tensor q8_0_matmul(const torch::Tensor& x, const torch::Tensor& blocks) {
   return block_matmul(x, blocks, false);
 }
 
+// Attention for float32 queries over their logical keys, in the cache where they lie.
+//
+// q [H, T, D] (multiplied by `scale` here, as the blocked torch path does first), k and v [KV, capacity, D], slots [T, W] (cache slot of each query's
+// j-th logical key), counts [T] (its number of keys). For every (head, query) the same fixed
+// sequence runs over its keys in logical order: scores, their max, exp (one vectorised exp
+// over chunks of 16 counted from key 0, the tail padded with -inf), the sum of weights and
+// the weighted sum of values, key after key. So a query's output depends on its own keys
+// only: not on how many queries share the call, where its keys sit, or what else is cached.
+torch::Tensor logical_attention(const torch::Tensor& q, const torch::Tensor& k,
+                                const torch::Tensor& v, const torch::Tensor& slots,
+                                const torch::Tensor& counts, double scale) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.is_contiguous() && q.dim() == 3, "q: float32 [H, T, D]");
+  TORCH_CHECK(k.scalar_type() == torch::kFloat32 && k.is_contiguous() && v.is_contiguous(), "k, v: float32 [KV, cap, D]");
+  TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.is_contiguous() && counts.scalar_type() == torch::kLong,
+              "slots, counts: int64");
+  const int64_t H = q.size(0), T = q.size(1), D = q.size(2), KV = k.size(0), cap = k.size(1);
+  const int64_t W = slots.size(1), group = H / KV;
+  TORCH_CHECK(D % 16 == 0 && D <= 256 && H % KV == 0 && k.size(2) == D, "head_dim must be a multiple of 16, <= 256");
+  auto out = torch::empty_like(q);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* cp = counts.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t chunks = (W + 15) / 16;
+  at::parallel_for(0, H * T, 4, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(chunks * 16);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t h = i / T, t = i % T, kv = h / group;
+      const int64_t n = std::min(cp[t], W);
+      float qi[256];
+      for (int64_t d = 0; d < D; ++d) qi[d] = qp[(h * T + t) * D + d] * static_cast<float>(scale);
+      const int64_t* st = sp + t * W;
+      float m = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t slot = std::min(std::max<int64_t>(st[j], 0), cap - 1);
+        const float* kj = kp + (kv * cap + slot) * D;
+        using Vec = at::vec::Vectorized<float>;
+        Vec acc(0.f);
+        for (int64_t d = 0; d < D; d += Vec::size())
+          acc = at::vec::fmadd(Vec::loadu(qi + d), Vec::loadu(kj + d), acc);
+        float lanes[Vec::size()];
+        acc.store(lanes);
+        float sdot = 0.f;
+        for (int l = 0; l < Vec::size(); ++l) sdot += lanes[l];
+        scores[j] = sdot;
+        m = std::max(m, sdot);
+      }
+      for (int64_t j = n; j < chunks * 16; ++j) scores[j] = -INFINITY;
+      float o[256] = {0.f};
+      float total = 0.f;
+      using Vec = at::vec::Vectorized<float>;
+      const Vec mv(m);
+      for (int64_t c = 0; c < (n + Vec::size() - 1) / Vec::size(); ++c) {
+        (Vec::loadu(scores.data() + c * Vec::size()) - mv).exp().store(scores.data() + c * Vec::size());
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        const float w = scores[j];
+        total += w;
+        const int64_t slot = std::min(std::max<int64_t>(st[j], 0), cap - 1);
+        const float* vj = vp + (kv * cap + slot) * D;
+        for (int64_t d = 0; d < D; d += Vec::size())
+          at::vec::fmadd(Vec(w), Vec::loadu(vj + d), Vec::loadu(o + d)).store(o + d);
+      }
+      float* oi = op + (h * T + t) * D;
+      for (int64_t d = 0; d < D; ++d) oi[d] = o[d] / total;
+    }
+  });
+  return out;
+}
+
 bool has_avx512() {
 #if defined(__AVX512F__)
   return true;
@@ -187,5 +262,7 @@ bool has_avx512() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_1_matmul", &q4_1_matmul, "x [M, K] float32 @ Q4_1 blocks [N, K/32*20] -> [M, N]");
   m.def("q8_0_matmul", &q8_0_matmul, "x [M, K] float32 @ Q8_0 blocks [N, K/32*34] -> [M, N]");
+  m.def("logical_attention", &logical_attention,
+        "float32 attention of q [H, T, D] over each query's logical keys in a k/v cache");
   m.def("has_avx512", &has_avx512, "whether the AVX-512 path was compiled");
 }
