@@ -120,3 +120,30 @@ def test_cli_parses_train_eagle():
     train.register(parser.add_subparsers())
     args = parser.parse_args(["train", "eagle", "--data", "sharegpt", "--out", "x", "--unroll", "0"])
     assert args.train_target == "eagle" and args.unroll == 0 and args.draft_vocab == 8192
+
+
+def test_cli_trains_a_head_that_generate_uses(tiny_folder, tmp_path, capsys):
+    """`hasten train eagle` on a distilled JSONL, then `hasten generate --draft eagle` with it:
+    the same text as plain decoding."""
+    import json
+
+    from hasten.commands import main
+    g = torch.Generator().manual_seed(1)
+    data = tmp_path / "d.jsonl"
+    with open(data, "w") as f:
+        for i in range(12):
+            rec = {"key": f"k{i}", "prompt_ids": torch.randint(3, 19, (4,), generator=g).tolist(),
+                   "answer_ids": torch.randint(3, 19, (20,), generator=g).tolist()}
+            f.write(json.dumps(rec) + "\n")
+    out = tmp_path / "head"
+    assert main(["train", "eagle", "--model", str(tiny_folder), "--data", str(data), "--out", str(out),
+                 "--epochs", "2", "--holdout", "2", "--draft-vocab", "0", "--batch-tokens", "256"]) == 0
+    assert (out / "eagle_config.json").is_file() and not (out / "checkpoint.pt").exists()
+    capsys.readouterr()
+    args = ["generate", "--model", str(tiny_folder), "--raw", "the cat sat", "-n", "12"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--draft", "eagle", "--eagle-head", str(out)]) == 0
+    assert capsys.readouterr().out == plain
+    assert main(args + ["--draft", "eagle", "--eagle-head", str(tmp_path / "nope")]) == 2
+    assert "no EAGLE head" in capsys.readouterr().err
