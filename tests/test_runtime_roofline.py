@@ -6,10 +6,10 @@ import torch
 from hasten.bench import roofline
 from hasten.bench.runner import markdown_table
 from hasten.models.loader import load_backbone
-from test_compact import tiny_gguf
+from test_compact import kernel, tiny_gguf  # noqa: F401  (kernel: built before a test moves the cache)
 
 
-def test_matrix_bytes_counts_what_a_forward_reads(tmp_path, monkeypatch):
+def test_matrix_bytes_counts_what_a_forward_reads(tmp_path, kernel, monkeypatch):
     monkeypatch.setenv("HASTEN_CACHE", str(tmp_path / "cache"))
     cfg, path = tiny_gguf(tmp_path, tie_word_embeddings=True)
     dense = load_backbone(str(path)).backbone

@@ -76,9 +76,7 @@ def _build():
         raise RuntimeError("HASTEN_NO_KERNELS is set")
     from torch.utils.cpp_extension import load
 
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + torch.__version__.encode() + _cpu_id().encode()).hexdigest()[:16]
-    folder = cache_root() / "kernels" / f"quant_matmul-{key}"
+    folder = cache_root() / "kernels" / f"quant_matmul-{source_key()}"
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "quant_matmul.so").exists():
         print("hasten: compiling the quantized matmul kernel for this machine (once)...",
@@ -99,12 +97,19 @@ def _cpu_id() -> str:
 
 
 def kernel_name() -> str:
-    """Which code multiplies compact weights here: "avx512", "scalar" (compiled, no AVX-512)
-    or "torch" (the fallback). Part of measurement cache keys: each computes other bits."""
+    """Which code multiplies compact weights here: "avx512-<source hash>", "scalar-<hash>"
+    (compiled, no AVX-512) or "torch" (the fallback). Part of measurement cache keys: each
+    computes other bits, so a changed kernel is measured again."""
     module = kernel_module()
     if module is None:
         return "torch"
-    return "avx512" if module.has_avx512() else "scalar"
+    return ("avx512-" if module.has_avx512() else "scalar-") + source_key()[:8]
+
+
+def source_key() -> str:
+    """Names one build: the kernel source, the torch version and this CPU."""
+    return hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() +
+                          _cpu_id().encode()).hexdigest()[:16]
 
 
 def torch_block_matmul(x2: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tensor:
