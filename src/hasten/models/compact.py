@@ -24,8 +24,9 @@ from ..errors import ModelSourceError
 from .config import LlamaConfig
 from .gguf_convert import (_ROPE_FREQS, PERMUTED_ARCHS, _dequantize, architecture, hf_tensor_name,
                            open_gguf, unpermute_rope_rows)
-from .llama import Dense, LlamaModel
-from .quant_kernels import BLOCK, BLOCK_BYTES, block_matmul, can_fuse_attention, dequantize_blocks
+from .llama import Block, Dense, LlamaModel, RMSNorm
+from .quant_kernels import (BLOCK, BLOCK_BYTES, block_matmul, can_fuse_attention,
+                            dequantize_blocks, kernel_module)
 
 
 class QuantDense(nn.Module):
@@ -51,6 +52,41 @@ class QuantDense(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = block_matmul(x, self.blocks, self.kind)
         return y if self.bias is None else y + self.bias
+
+
+class FusedRMSNorm(RMSNorm):
+    """RMSNorm in one compiled call (float32 rows, row by row): other bits than the six torch
+    ops, the same for every row count."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernel_module().rms_norm(x, self.weight, self.eps)
+
+
+class CompactBlock(Block):
+    """A block whose norms and rotary embedding run compiled (`Block.qkv`'s signature and
+    result layout unchanged): fewer ops per layer, which is what a 135M model's step costs."""
+
+    def qkv(self, x, cos, sin):
+        b, t, _ = x.shape
+        y = self.wqkv(self.attn_norm(x)).reshape(b * t, -1)
+        kernel_module().rope_qkv_(y, cos.reshape(b * t, self.hd).contiguous(),
+                                  sin.reshape(b * t, self.hd).contiguous(), self.n_heads,
+                                  self.n_kv, self.hd)
+        q, k, v = y.view(b, t, -1).split(self.split, dim=-1)
+        q = q.view(b, t, self.n_heads, self.hd).transpose(1, 2)
+        k = k.view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        return q, k, v
+
+
+def _fuse_row_ops(model: LlamaModel) -> None:
+    """Norms and rotary through the compiled kernels, where they are built (a class swap: the
+    modules keep their weights and names)."""
+    for norm in [model.norm] + [n for b in model.blocks for n in (b.attn_norm, b.mlp_norm)]:
+        norm.__class__ = FusedRMSNorm
+    for block in model.blocks:
+        if block.hd % 2 == 0:
+            block.__class__ = CompactBlock
 
 
 class QuantEmbedding(nn.Module):
@@ -169,4 +205,6 @@ def build_compact_llama(cfg: LlamaConfig, gguf_path: str | Path) -> tuple[LlamaM
     model.share_past_blocks = False
     model.pad_plain_steps = False
     model.fused_attention = can_fuse_attention(cfg.head_dim, torch.float32)
+    if model.fused_attention and cfg.hidden_size % 16 == 0:
+        _fuse_row_ops(model)
     return model.eval().requires_grad_(False), summary

@@ -249,6 +249,60 @@ torch::Tensor logical_attention(const torch::Tensor& q, const torch::Tensor& k,
   return out;
 }
 
+// RMSNorm of float32 rows x [rows, D]: w * x / sqrt(mean(x^2) + eps), one row at a time in a
+// fixed order (so a row's bits do not depend on the other rows), in one call instead of six ops.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kFloat32, "float32 only");
+  auto xc = x.contiguous();
+  const int64_t D = xc.size(-1), rows = xc.numel() / D;
+  auto out = torch::empty_like(xc);
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  using Vec = at::vec::Vectorized<float>;
+  TORCH_CHECK(D % Vec::size() == 0, "hidden size must be a multiple of the vector width");
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = xp + r * D;
+    Vec acc(0.f);
+    for (int64_t d = 0; d < D; d += Vec::size()) {
+      const Vec v = Vec::loadu(xr + d);
+      acc = at::vec::fmadd(v, v, acc);
+    }
+    float lanes[Vec::size()];
+    acc.store(lanes);
+    float sum = 0.f;
+    for (int l = 0; l < Vec::size(); ++l) sum += lanes[l];
+    const Vec inv(1.f / std::sqrt(sum / static_cast<float>(D) + static_cast<float>(eps)));
+    for (int64_t d = 0; d < D; d += Vec::size())
+      (Vec::loadu(wp + d) * (Vec::loadu(xr + d) * inv)).store(op + r * D + d);
+  }
+  return out;
+}
+
+// Rotary embedding in place on the q and k parts of fused qkv rows y [rows, (H + 2 KV) * hd]
+// (v untouched), cos / sin [rows, hd]: x * cos + rotate_half(x) * sin, element by element.
+void rope_qkv_(torch::Tensor& y, const torch::Tensor& cos, const torch::Tensor& sin,
+               int64_t heads, int64_t kv_heads, int64_t hd) {
+  TORCH_CHECK(y.scalar_type() == torch::kFloat32 && y.is_contiguous() && cos.is_contiguous() &&
+              sin.is_contiguous(), "float32, contiguous");
+  const int64_t width = y.size(-1), rows = y.numel() / width, half = hd / 2;
+  float* yp = y.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* c = cp + r * hd;
+    const float* s = sp + r * hd;
+    for (int64_t h = 0; h < heads + kv_heads; ++h) {
+      float* x = yp + r * width + h * hd;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = x[i], b = x[i + half];
+        x[i] = a * c[i] + (-b) * s[i];
+        x[i + half] = b * c[i + half] + a * s[i + half];
+      }
+    }
+  }
+}
+
 bool has_avx512() {
 #if defined(__AVX512F__)
   return true;
@@ -264,5 +318,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_0_matmul", &q8_0_matmul, "x [M, K] float32 @ Q8_0 blocks [N, K/32*34] -> [M, N]");
   m.def("logical_attention", &logical_attention,
         "float32 attention of q [H, T, D] over each query's logical keys in a k/v cache");
+  m.def("rms_norm", &rms_norm, "float32 RMSNorm of rows");
+  m.def("rope_qkv_", &rope_qkv_, "rotary embedding in place on the q and k parts of fused qkv rows");
   m.def("has_avx512", &has_avx512, "whether the AVX-512 path was compiled");
 }
