@@ -201,6 +201,7 @@ class Engine:
         self.served = 0
         self.finished: collections.deque[Outcome] = collections.deque(maxlen=64)
         self.solo: Running | None = None  # a lone request decoding speculatively
+        self._prefilling: Job | None = None  # taken from the queue, not yet running
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._stopping = False
@@ -211,7 +212,8 @@ class Engine:
 
     @property
     def active(self) -> int:
-        return len(self.running)
+        """Requests holding a row, the one being prefilled included."""
+        return len(self.running) + (self._prefilling is not None)
 
     def start(self) -> None:
         with self._lock:
@@ -288,12 +290,15 @@ class Engine:
             if job.cancelled.is_set():  # the client left while waiting in the queue
                 self._end_unstarted(job, "cancelled")
                 continue
+            self._prefilling = job
             try:
                 self._start(job)
             except Exception as e:  # noqa: BLE001 - reported to the client; the server goes on
                 job.post("error", e)
                 self.metrics.requests.labels("error").inc()
                 self.served += 1
+            finally:
+                self._prefilling = None
         return True
 
     def _start(self, job: Job) -> None:
