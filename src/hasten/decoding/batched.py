@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ContextFullError
-from ..models.exact_attention import BLOCK, _block_partials
+from ..models.exact_attention import BLOCK, _block_partials  # the same block arithmetic
 from ..models.llama import LlamaModel, rope_inv_freq
 from .exactness import row_classes
 from .sampling import SamplingParams, choose
@@ -153,7 +153,7 @@ class BatchedDecoder:
         lengths = torch.tensor([s.length for s in seqs], device=m.device)
         tokens = torch.tensor([[s.root] for s in seqs] + [[seqs[0].root]] * pad, device=m.device)
         slots = torch.cat([lengths, lengths[:pad]])
-        index = torch.arange(n + pad, device=m.device) if not pad else torch.zeros(2, dtype=torch.long, device=m.device)
+        index = torch.tensor(list(range(n)) + [0] * pad, device=m.device)  # cache row per row
         self._route(seqs + seqs[:pad])
         cos, sin = self.cos[slots][:, None, None], self.sin[slots][:, None, None]
         x = m.embed(tokens)
@@ -229,15 +229,16 @@ def row_count_invariant(model: LlamaModel, rows: int) -> list[list[int]] | None:
     """None if a row of each of the model's matmuls (block 0's and the LM head) comes out the
     same whatever the row count in 2..rows, else the row-count classes of the first that
     differs: then batched answers may differ from solo ones in rare tokens."""
-    sizes = tuple(sorted({2, 3, 4, 5, 8, 9, 16, 17, 24, 32, 33, 48, 64, rows} & set(range(2, rows + 1))))
+    sizes = sorted({2, 3, 4, 5, 8, 9, 16, 17, 24, 32, 33, 48, 64, rows} & set(range(2, rows + 1)))
     if len(sizes) < 2:
         return None
     block = model.blocks[0]
     for dense in (block.wqkv, block.wo, block.w_gate_up, block.w_down, model.lm_head):
-        weight = getattr(dense, "weight_t", None)
-        if weight is None:  # a layer wrapped by BitDelta: its base
-            weight = dense.base.weight_t
-        classes = row_classes(weight, sizes, trials=4)
+        dense = getattr(dense, "base", dense)  # a layer wrapped by BitDelta: its base
+        weight = getattr(dense, "weight_t", None)  # [in, out] (see models.llama.Dense)
+        if weight is None:
+            continue
+        classes = row_classes(weight, tuple(sizes), trials=4)
         if len(classes) > 1:
             return classes
     return None
