@@ -144,3 +144,32 @@ def test_row_count_invariance_is_checked_on_the_weights():
     assert row_count_invariant(model, 1) is None  # nothing to compare
     result = row_count_invariant(model, 8)
     assert result is None or len(result) > 1
+
+
+def test_compact_weights_rows_equal_solo_decoding(tmp_path, monkeypatch):
+    """Compact weights attend through a compiled kernel (other bits than the blocked torch
+    attention): rows go through it one by one and get the solo step's logits bit for bit."""
+    from hasten.models import quant_kernels as qk
+    from hasten.models.loader import load_backbone
+    from test_compact import tiny_gguf
+
+    if qk.kernel_module() is None:
+        pytest.skip(f"the quantized matmul kernel cannot be built here: {qk.kernel_failure()}")
+    monkeypatch.setenv("HASTEN_CACHE", str(tmp_path / "cache"))
+    _, path = tiny_gguf(tmp_path)
+    model = load_backbone(str(path), weights="compact").backbone
+    model.exact = True  # as hasten.load sets it where the check finds it exact
+    assert model.fused_attention
+    ps = [p[:40] for p in prompts(3)]
+    decoder = BatchedDecoder(model, 3, CONTEXT)
+    seqs = [decoder.add(p) for p in ps]
+    seen = []
+    choose_rows = decoder._choose
+    monkeypatch.setattr(decoder, "_choose", lambda logits: seen.append(logits) or choose_rows(logits))
+    decoder.step()
+    for r, (p, seq) in enumerate(zip(ps, seqs)):
+        model.reset(1, CONTEXT)
+        model.forward(torch.tensor([p]))
+        model.commit()
+        solo = model.forward(torch.tensor([[seq.tokens[0]]])).logits[0, -1]
+        assert torch.equal(seen[0][r], solo), r

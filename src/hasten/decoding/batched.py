@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ..errors import ContextFullError
 from ..models.exact_attention import BLOCK, _block_partials  # the same block arithmetic
+from ..models.exact_attention import exact_attention, plan_keys
 from ..models.llama import LlamaModel, rope_inv_freq
 from .exactness import row_classes
 from .sampling import SamplingParams, choose
@@ -168,6 +169,8 @@ class BatchedDecoder:
 
     def _attention(self, layer: int, q, lengths, exact: bool, block) -> torch.Tensor:
         """Each row's query over its committed keys and itself (lengths[r] + 1 keys)."""
+        if exact and getattr(self.model, "fused_attention", False):
+            return self._attention_row_by_row(layer, q, lengths, block)
         if exact:
             return batched_exact_attention(q, self.k[layer], self.v[layer], lengths + 1,
                                            block.hd ** -0.5)
@@ -178,6 +181,18 @@ class BatchedDecoder:
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         mask = torch.arange(keys, device=q.device)[None] <= lengths[:, None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None], enable_gqa=gqa)
+
+    def _attention_row_by_row(self, layer: int, q, lengths, block) -> torch.Tensor:
+        """Rows one at a time through the model's own exact attention, with the plan of a solo
+        plain step: for attention kernels (the compiled one of compact weights) whose arithmetic
+        `batched_exact_attention` does not reproduce. Slower (a call per row and layer)."""
+        m = self.model
+        out = []
+        for r, length in enumerate(lengths.tolist()):
+            plan = plan_keys(None, length, 1, q.device, m.share_past_blocks, m.fused_attention)
+            out.append(exact_attention(q[r:r + 1], self.k[layer, r:r + 1], self.v[layer, r:r + 1],
+                                       plan, block.hd ** -0.5))
+        return torch.cat(out)
 
     def _choose(self, logits: torch.Tensor) -> list[tuple[Sequence, int]]:
         seqs = self.sequences
