@@ -150,7 +150,7 @@ class BatchedDecoder:
         n = len(seqs)
         # A lone row in exact mode is computed as two identical rows, as the solo plain step
         # is: a one-row matmul rounds differently. The copy writes the same K/V to the same slot.
-        pad = 1 if m.exact and n == 1 else 0
+        pad = 1 if m.exact and getattr(m, "pad_plain_steps", True) and n == 1 else 0
         lengths = torch.tensor([s.length for s in seqs], device=m.device)
         tokens = torch.tensor([[s.root] for s in seqs] + [[seqs[0].root]] * pad, device=m.device)
         slots = torch.cat([lengths, lengths[:pad]])
