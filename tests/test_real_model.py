@@ -39,7 +39,7 @@ def test_greedy_is_token_identical_to_transformers_generate(model, reference):
 def test_speculative_drafters_reproduce_plain_greedy(model):
     ids = model.encode(EDIT_PROMPTS[1])
     want = list(model.generate_ids(ids, 48))
-    for draft in ("lookup", "model", "medusa"):  # medusa: the heads shipped in the package
+    for draft in ("lookup", "model", "medusa", "eagle"):  # medusa, eagle: the heads shipped in the package
         assert list(model.generate_ids(ids, 48, draft=draft, tree_size=6)) == want, draft
     assert list(model.generate_ids(ids, 48, draft="lookup")) == want  # adaptive tree size
     assert model.last_stats.mean_accepted > 1.0  # the answer repeats the prompt's code
@@ -83,7 +83,17 @@ def test_bfloat16_speculative_greedy_is_exact():
     for prompt in BF16_PROMPTS:
         ids = model.encode(prompt)
         want = list(model.generate_ids(ids, 96, ignore_eos=True))
-        for draft in ("lookup", "medusa"):
+        for draft in ("lookup", "medusa", "eagle"):
             got = list(model.generate_ids(ids, 96, draft=draft, ignore_eos=True))
             assert got == want, (prompt, draft)
             assert model.last_stats.exact is True
+
+
+def test_shipped_eagle_head_drafts_are_accepted():
+    """The head shipped for the default model belongs to it and gets drafts accepted on a chat
+    answer (an untrained or misaligned head gets ~1.0 tokens per step)."""
+    model = hasten.load(dtype="bfloat16")
+    ids = model.encode("Write a short story about a robot who learns to paint.")
+    want = list(model.generate_ids(ids, 64, ignore_eos=True))
+    assert list(model.generate_ids(ids, 64, draft="eagle", tree_size=16, ignore_eos=True)) == want
+    assert model.last_stats.mean_accepted > 1.4
