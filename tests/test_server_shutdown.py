@@ -38,7 +38,7 @@ class Child:
                 assert time.time() < deadline and self.proc.poll() is None, "server never answered"
                 time.sleep(0.05)
 
-    def wait_for_file(self, name: str, seconds: float = 30) -> None:
+    def wait_for_file(self, name: str, seconds: float = 120) -> None:  # a busy machine is slow
         deadline = time.time() + seconds
         while not (self.folder / name).exists():
             assert self.proc.poll() is None, f"server exited: {self.proc.stderr.read()}"
