@@ -185,3 +185,19 @@ def test_draft_cost_is_charged_to_the_tree_size():
     cost = DraftCost()
     cost.add(0.3, 0)  # nothing drafted: nothing learnt
     assert cost(4) == 0.0
+
+
+def test_a_per_step_draft_cost_does_not_grow_with_the_tree():
+    """EAGLE pays its tree levels whatever n is kept: charged per node it would look 16x dearer
+    at 16 nodes than at one and the rule would keep trees needlessly small."""
+    from hasten.decoding.budget import DraftCost
+    per_step, per_node = DraftCost(per_step=True), DraftCost()
+    for cost in (per_step, per_node):
+        cost.add(0.4, 4)
+    assert per_step(1) == per_step(16) == pytest.approx(0.4) and per_step(0) == 0.0
+    assert per_node(16) == pytest.approx(1.6)
+    sizer = AdaptiveTreeSize(GPU_LIKE, 16, prior_rate=0.7)
+    sizer.draft_cost.per_step = True
+    for _ in range(5):
+        sizer.draft_cost.add(0.3 * 4, 4)
+    assert sizer.best() == 16  # flat verify + flat drafting: the biggest tree

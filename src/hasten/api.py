@@ -177,6 +177,7 @@ class Model:
                 # them and the verify costs, corrected each step by how the drafts actually do.
                 sizer = (CalibratedTreeSize(self.cost_curve(), expected, MAX_TREE_SIZE)
                          if expected else AdaptiveTreeSize(self.cost_curve(), MAX_TREE_SIZE))
+                sizer.draft_cost.per_step = getattr(draft, "cost_per_step", False)
         return generate_speculative(self.backbone, draft, prompt_ids, max_new_tokens, params,
                                     stops, generator, self.max_positions, tree_size, typical,
                                     sizer, self.last_stats)

@@ -162,18 +162,24 @@ class ProbeSchedule:
 class DraftCost:
     """Seconds the drafter spends per proposed node (exponentially weighted), so a drafter that
     costs a forward to propose (a draft model) is charged for it: size n then costs the verify
-    of n nodes plus n nodes' drafting. Near zero for lookup and REST."""
+    of n nodes plus n nodes' drafting. Near zero for lookup and REST.
 
-    def __init__(self, memory: float = 0.8):
-        self.memory, self.per_node, self.seen = memory, 0.0, False
+    `per_step=True` is for drafters whose cost does not grow with the nodes kept (EAGLE's
+    tree levels cost one head forward each whatever n is cut from them): any n > 0 then
+    costs one step's drafting."""
+
+    def __init__(self, memory: float = 0.8, per_step: bool = False):
+        self.memory, self.per_node, self.seen, self.per_step = memory, 0.0, False, per_step
 
     def add(self, seconds: float, nodes: int) -> None:
         if nodes > 0:
-            per = seconds / nodes
+            per = seconds if self.per_step else seconds / nodes
             self.per_node = per if not self.seen else self.memory * self.per_node + (1 - self.memory) * per
             self.seen = True
 
     def __call__(self, n: int) -> float:
+        if self.per_step:
+            return self.per_node if n > 0 else 0.0
         return self.per_node * n
 
 

@@ -35,6 +35,7 @@ TOPK = 8  # children per expanded node, and nodes expanded per level
 
 class EagleDrafter:
     name = "eagle"
+    cost_per_step = True  # depth head forwards per proposal, whatever size is kept
 
     def __init__(self, head: EagleHead, embed: torch.Tensor, lm_head: torch.Tensor,
                  depth: int = DEPTH, topk: int = TOPK, use_draft_vocab: bool = True):
