@@ -18,13 +18,8 @@ from hasten.eagle.train import EagleTrainConfig, evaluate, run_eagle
 from hasten.medusa.data import read_records
 from hasten.medusa.distill import distill_ids
 from hasten.models.llama import build_llama
+from test_medusa_training import make_prompts
 from tiny import hf_reference, tiny_config
-
-
-def make_prompts(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [(f"p{seed}-{i}", torch.randint(3, 97, (int(torch.randint(3, 12, (1,), generator=g)),),
-                                           generator=g).tolist(), f"text {i}") for i in range(n)]
 
 
 @pytest.fixture(scope="module")
