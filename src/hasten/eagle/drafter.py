@@ -19,14 +19,13 @@ lossless, and greedy output is the target's whatever the head guesses.
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 import torch
 
 from ..decoding.tree import DraftTree
 from ..errors import HastenError
-from ..medusa.heads import lm_head_weight
+from ..medusa.heads import find_for_model, lm_head_weight
 from .head import EagleCache, EagleHead, LoadedEagle, is_head_folder, load_head
 
 DEPTH = 6  # draft levels
@@ -178,31 +177,12 @@ def rerank(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,
 
 # ---- finding a head for a model ------------------------------------------------------------
 
-def default_head_dirs() -> list[Path]:
-    """Heads shipped inside the package: `hasten/eagle/default/<name>/`."""
-    root = resources.files("hasten.eagle") / "default"
-    try:
-        return sorted(Path(str(p)) for p in root.iterdir() if p.is_dir() and is_head_folder(Path(str(p))))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
 def find_head(model, head: str | Path | None = None) -> LoadedEagle:
     """A head for a `hasten.api.Model`: `head` if given, else `<model folder>/eagle/`, else the
     packaged head whose base model is this one."""
-    name = getattr(model, "name", None)
-    if head is not None:
-        return load_head(head, model.backbone, name)
-    folder = getattr(model, "folder", None)
-    if folder is not None and is_head_folder(Path(folder) / "eagle"):
-        return load_head(Path(folder) / "eagle", model.backbone, name)
-    for candidate in default_head_dirs():
-        try:
-            return load_head(candidate, model.backbone, name)
-        except HastenError:
-            continue
-    raise HastenError(f"no EAGLE head for {name or 'this model'}: train one with `hasten train "
-                      "eagle --out DIR` and pass it (--eagle-head DIR)")
+    return find_for_model(model, head, "eagle", "hasten.eagle", is_head_folder, load_head,
+                          "no EAGLE head for {name}: train one with `hasten train eagle --out "
+                          "DIR` and pass it (--eagle-head DIR)")
 
 
 def embedding_weight(backbone) -> torch.Tensor:

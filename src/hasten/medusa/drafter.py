@@ -18,14 +18,14 @@ decides what is emitted).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 
 from ..decoding.tree import DraftTree
 from ..errors import HastenError
-from .heads import LoadedHeads, MedusaHeads, is_heads_folder, lm_head_weight, load_heads, project
+from .heads import (LoadedHeads, MedusaHeads, find_for_model, is_heads_folder, lm_head_weight,
+                    load_heads, project)
 from .tree_search import default_choices
 
 
@@ -106,32 +106,12 @@ class MedusaDrafter:
 
 # ---- finding heads for a model ---------------------------------------------------------------
 
-def default_heads_dirs() -> list[Path]:
-    """Heads shipped inside the package: `hasten/medusa/default/<name>/`."""
-    root = resources.files("hasten.medusa") / "default"
-    try:
-        return sorted(Path(str(p)) for p in root.iterdir() if p.is_dir() and is_heads_folder(Path(str(p))))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
 def find_heads(model, heads: str | Path | None = None) -> LoadedHeads:
     """Heads for a `hasten.api.Model`: `heads` if given, else `<model folder>/medusa/` (where
     Medusa-2 training puts them), else the packaged heads whose base model is this one."""
-    name = getattr(model, "name", None)
-    if heads is not None:
-        return load_heads(heads, model.backbone, name)
-    folder = getattr(model, "folder", None)
-    if folder is not None and is_heads_folder(Path(folder) / "medusa"):
-        return load_heads(Path(folder) / "medusa", model.backbone, name)
-    for candidate in default_heads_dirs():
-        try:
-            return load_heads(candidate, model.backbone, name)
-        except HastenError:
-            continue
-    raise HastenError(f"no Medusa heads for {name or 'this model'}: train them with "
-                      "`hasten distill` + `hasten train medusa` and pass the output folder "
-                      "(--medusa-heads DIR)")
+    return find_for_model(model, heads, "medusa", "hasten.medusa", is_heads_folder, load_heads,
+                          "no Medusa heads for {name}: train them with `hasten distill` + "
+                          "`hasten train medusa` and pass the output folder (--medusa-heads DIR)")
 
 
 def medusa_drafter(model, heads: str | Path | None = None, use_draft_vocab: bool = True) -> MedusaDrafter:

@@ -343,3 +343,33 @@ def _load_published(folder: Path) -> LoadedHeads:
     base = {"name": meta.get("base_model_name_or_path"), "vocab_size": v, "hidden_size": d}
     choices = [tuple(c) for c in meta["medusa_choices"]] if meta.get("medusa_choices") else None
     return LoadedHeads(heads.eval().requires_grad_(False), choices, {**meta, "base_model": base})
+
+
+# ---- finding trained heads for a model -------------------------------------------------------
+
+def packaged_folders(package: str, is_folder) -> list[Path]:
+    """Head folders shipped inside `package`: `<package>/default/<name>/`."""
+    from importlib import resources
+    root = resources.files(package) / "default"
+    try:
+        return sorted(Path(str(p)) for p in root.iterdir() if p.is_dir() and is_folder(Path(str(p))))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def find_for_model(model, explicit, subfolder: str, package: str, is_folder, load, missing: str):
+    """Trained heads for a `hasten.api.Model`: `explicit` if given, else `<model folder>/
+    <subfolder>/` (where training beside a model puts them), else the first packaged folder
+    whose base model is this one; `missing` is the error when there are none."""
+    name = getattr(model, "name", None)
+    if explicit is not None:
+        return load(explicit, model.backbone, name)
+    folder = getattr(model, "folder", None)
+    if folder is not None and is_folder(Path(folder) / subfolder):
+        return load(Path(folder) / subfolder, model.backbone, name)
+    for candidate in packaged_folders(package, is_folder):
+        try:
+            return load(candidate, model.backbone, name)
+        except HastenError:
+            continue
+    raise HastenError(missing.format(name=name or "this model"))
