@@ -135,7 +135,7 @@ def speed(args) -> None:
     from hasten.bitdelta.model import with_delta
 
     torch.set_num_threads(args.threads)
-    base = load(args.base)
+    base = load(args.base, dtype=args.dtype)
     aware, merged = with_delta(base, args.delta[0]), with_delta(base, args.delta[0], merged=True)
     prompts = [base.encode(p) for p in ("Write a Python function that reverses a list.",
                                         "What is 17 times 23?", "Explain what a licence is.",
@@ -164,7 +164,7 @@ def batch(args) -> None:
     from hasten.bitdelta.runtime import set_route
 
     torch.set_num_threads(args.threads)
-    base = load(args.base)
+    base = load(args.base, dtype=args.dtype)
     deltas = [bd.load(args.delta[i % len(args.delta)]) for i in range(args.tenant_count)]
     multi = bd.delta_backbone(base.backbone, deltas)
     merged = [with_delta(base, d, merged=True).backbone for d in deltas]
@@ -216,6 +216,7 @@ def main() -> None:
     p.add_argument("--tenant-count", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", default="float32", help="speed, batch: the compute dtype")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     {"quality": quality, "memory": memory, "speed": speed, "batch": batch}[args.what](args)

@@ -117,6 +117,26 @@ def test_sign_matmul_equals_dense_product(rows):
     assert torch.allclose(got, want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sign_matmul_kernel_rows_do_not_depend_on_the_row_count(dtype):
+    """The compiled kernel (where it builds): close to the float64 product, and row r's bits
+    the same alone, among 9 rows or 100 (a verify tree, a batch): what keeps tenants exact."""
+    from hasten.models.quant_kernels import kernel_module
+    if kernel_module() is None:
+        pytest.skip("the compiled kernel cannot be built here")
+    g = torch.Generator().manual_seed(2)
+    for n_in in (576, 29, 40):  # whole 16-lane groups, a tail under 8, a tail over 8
+        delta, x = torch.randn(70, n_in, generator=g), torch.randn(100, n_in, generator=g).to(dtype)
+        packed = pack_signs(delta)
+        want = x.double() @ unpack_signs(packed, n_in, torch.float64).t()
+        got = sign_matmul(x, packed, n_in)
+        assert got.dtype == dtype
+        assert torch.allclose(got.double(), want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                              atol=0.05 if dtype == torch.bfloat16 else 1e-4)
+        for rows in (1, 2, 9):
+            assert torch.equal(sign_matmul(x[:rows], packed, n_in), got[:rows])
+
+
 # ---- compression ----------------------------------------------------------------------------
 
 def test_signs_and_scales_are_exact(pair):

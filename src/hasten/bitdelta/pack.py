@@ -9,17 +9,23 @@ bytes (the padding bits of the last byte are 0), so the packed tensor is uint8
 [out, ceil(in / 8)]. Rows stay rows, so fusing q/k/v or gate/up is a concatenation of packed
 tensors along dim 0.
 
-`sign_matmul(x, packed, in_features)` computes x @ S.T (S the +-1 matrix). For a few rows of
-x it never materialises S: each group of 8 inputs is multiplied once by all 256 sign patterns
-(a [256, G] table of partial sums per row, G = in / 8), and each output sums, over the
-groups, the partial sum its byte selects (one `gather` per row of x), reading one byte per 8
-weights. For more rows it unpacks blocks of S to +-1 and multiplies. Either way the result is
-exact up to float summation order.
+`sign_matmul(x, packed, in_features)` computes x @ S.T (S the +-1 matrix). On a CPU where the
+compiled kernel builds (`models/kernels/quant_matmul.cpp`, `sign_matmul`), up to
+`KERNEL_MAX_ROWS` rows go through it: it reads the bits as lane masks (x @ S.T = 2 * the sum
+of x where the bit is 1 - sum(x)), accumulates in float32, and gives each row the same bits
+whatever the row count, so verify rows equal plain-step rows. Otherwise, for a few rows of x it
+never materialises S: each group of 8 inputs is multiplied once by all 256 sign patterns (a
+[256, G] table of partial sums per row, G = in / 8), and each output sums, over the groups, the
+partial sum its byte selects (one `gather` per row of x), reading one byte per 8 weights. For
+more rows (long prefills) it unpacks blocks of S to +-1 and multiplies. Every path is exact up
+to float summation order.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..models.quant_kernels import kernel_module
 
 _BITS = torch.arange(8, dtype=torch.uint8)
 
@@ -54,6 +60,10 @@ def unpack_signs(packed: torch.Tensor, in_features: int, dtype=torch.float32) ->
 # multiplying them (the unpacking cost is shared by all rows) does. Measured on a 2-core EPYC,
 # one thread, 3072 x 576: 1 row 0.32 ms vs 1.9 ms, 4 rows 1.1 vs 1.9, 8 rows 2.2 vs 2.1.
 GATHER_MAX_ROWS = 6
+# Up to this many rows the compiled kernel runs (decode steps, verify trees, batches); longer
+# prefills unpack, where a dense matmul over the unpacked block is faster than row by row.
+KERNEL_MAX_ROWS = 128
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # it sums in float32
 
 
 def sign_matmul(x: torch.Tensor, packed: torch.Tensor, in_features: int,
@@ -65,6 +75,11 @@ def sign_matmul(x: torch.Tensor, packed: torch.Tensor, in_features: int,
     out, groups = packed.shape
     lead = x.shape[:-1]
     xs = x.reshape(-1, x.shape[-1])
+    if x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and xs.shape[0] <= KERNEL_MAX_ROWS:
+        module = kernel_module()
+        if module is not None:
+            y = module.sign_matmul(xs.float().contiguous(), packed.contiguous())
+            return y.to(x.dtype).view(*lead, out)
     if xs.shape[0] > GATHER_MAX_ROWS:
         y = torch.cat([xs @ unpack_signs(packed[s:s + block], in_features, x.dtype).t()
                        for s in range(0, out, block)], dim=-1)

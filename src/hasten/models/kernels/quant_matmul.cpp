@@ -1,5 +1,6 @@
 // y = x @ W.T for W stored as GGUF blocks (Q4_1, Q8_0), x float32: weight-only kernels whose
 // weights are exactly the file's dequantized values (gguf's numpy dequantizer, bit for bit).
+// Also BitDelta's 1-bit sign matmul (`sign_matmul`), read from the packed bits the same way.
 //
 // Row invariance by construction: every output y[r, n] is one fixed sequence of float32
 // operations over row r of x and row n of W (two 16-lane accumulators over the K blocks, then
@@ -303,6 +304,103 @@ void rope_qkv_(torch::Tensor& y, const torch::Tensor& cos, const torch::Tensor& 
   }
 }
 
+// BitDelta: y = x @ S.T for S the +-1 matrix of packed sign bits (bitdelta/pack.py's layout:
+// row n of S is `packed[n]`, element k is bit k % 8 of byte k / 8, bit 1 = +1). Never unpacked:
+// x @ S.T = 2 * (sum of x where the bit is 1) - sum(x), and the first sum is one masked add per
+// 16 weights (two bytes of bits are the lane mask). As above, every output has its own fixed
+// chain of operations over row r of x and row n of S, whatever M, the tiling or the threads.
+#if defined(__AVX512F__)
+template <int R, int C>
+inline void sign_tile(const float* x, int64_t K, const uint8_t* bits, int64_t row_bytes,
+                      const float* xsum, float* y, int64_t ldy) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  const int64_t full = K / 16;
+  for (int64_t g = 0; g < full; ++g) {
+    __mmask16 m[C];
+    for (int c = 0; c < C; ++c) {
+      uint16_t word;
+      std::memcpy(&word, bits + c * row_bytes + 2 * g, 2);
+      m[c] = word;
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_loadu_ps(x + r * K + 16 * g);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_mask_add_ps(acc[r][c], m[c], acc[r][c], xv);
+    }
+  }
+  const int64_t tail = K - 16 * full;  // < 16 inputs left: their bits, read byte by byte
+  if (tail) {
+    const __mmask16 live = static_cast<__mmask16>((1u << tail) - 1);
+    for (int c = 0; c < C; ++c) {
+      uint16_t word = bits[c * row_bytes + 2 * full];
+      if (tail > 8) word |= static_cast<uint16_t>(bits[c * row_bytes + 2 * full + 1]) << 8;
+      const __mmask16 mc = static_cast<__mmask16>(word) & live;
+      for (int r = 0; r < R; ++r) {
+        const __m512 xv = _mm512_maskz_loadu_ps(live, x + r * K + 16 * full);
+        acc[r][c] = _mm512_mask_add_ps(acc[r][c], mc, acc[r][c], xv);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) y[r * ldy + c] = 2.f * _mm512_reduce_add_ps(acc[r][c]) - xsum[r];
+}
+#endif
+
+float scalar_sign_dot(const float* x, int64_t K, const uint8_t* bits) {
+  float acc = 0.f;
+  for (int64_t k = 0; k < K; ++k)
+    if ((bits[k >> 3] >> (k & 7)) & 1) acc += x[k];
+  return acc;
+}
+
+torch::Tensor sign_matmul(const torch::Tensor& x, const torch::Tensor& packed) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
+              "x must be a contiguous float32 [M, K] tensor");
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 2 && packed.is_contiguous(),
+              "packed must be contiguous uint8 [N, ceil(K / 8)]");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), row_bytes = packed.size(1);
+  TORCH_CHECK(row_bytes == (K + 7) / 8, "x has ", K, " inputs, packed rows hold ", row_bytes * 8);
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* bp = packed.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  // sum(x) per row, in a fixed order (the same for every output of the row).
+  std::vector<float> xsum(M);
+  for (int64_t r = 0; r < M; ++r) {
+    float s = 0.f;
+    for (int64_t k = 0; k < K; ++k) s += xp[r * K + k];
+    xsum[r] = s;
+  }
+  const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(1, K * M));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t r0 = 0; r0 < M; r0 += 4) {
+      const int rows = static_cast<int>(std::min<int64_t>(4, M - r0));
+      const float* xr = xp + r0 * K;
+      float* yr = yp + r0 * N;
+#if defined(__AVX512F__)
+      int64_t n = n0;
+#define HASTEN_SIGN(R)                                                                        \
+  for (; n + 4 <= n1; n += 4) sign_tile<R, 4>(xr, K, bp + n * row_bytes, row_bytes, xsum.data() + r0, yr + n, N); \
+  for (; n < n1; ++n) sign_tile<R, 1>(xr, K, bp + n * row_bytes, row_bytes, xsum.data() + r0, yr + n, N);         \
+  break;
+      switch (rows) {
+        case 1: HASTEN_SIGN(1)
+        case 2: HASTEN_SIGN(2)
+        case 3: HASTEN_SIGN(3)
+        default: HASTEN_SIGN(4)
+      }
+#undef HASTEN_SIGN
+#else
+      for (int64_t n = n0; n < n1; ++n)
+        for (int r = 0; r < rows; ++r)
+          yr[r * N + n] = 2.f * scalar_sign_dot(xr + r * K, K, bp + n * row_bytes) - xsum[r0 + r];
+#endif
+    }
+  });
+  return y;
+}
+
 bool has_avx512() {
 #if defined(__AVX512F__)
   return true;
@@ -320,5 +418,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "float32 attention of q [H, T, D] over each query's logical keys in a k/v cache");
   m.def("rms_norm", &rms_norm, "float32 RMSNorm of rows");
   m.def("rope_qkv_", &rope_qkv_, "rotary embedding in place on the q and k parts of fused qkv rows");
+  m.def("sign_matmul", &sign_matmul, "x [M, K] float32 @ S.T for packed sign bits [N, ceil(K/8)] -> [M, N]");
   m.def("has_avx512", &has_avx512, "whether the AVX-512 path was compiled");
 }
