@@ -164,8 +164,13 @@ def test_compact_weights_rows_equal_solo_decoding(tmp_path, monkeypatch):
     decoder = BatchedDecoder(model, 3, CONTEXT)
     seqs = [decoder.add(p) for p in ps]
     seen = []
-    choose_rows = decoder._choose
-    monkeypatch.setattr(decoder, "_choose", lambda logits: seen.append(logits) or choose_rows(logits))
+    forward = decoder._forward
+
+    def watched(step):
+        logits, hidden = forward(step)
+        seen.append(logits)
+        return logits, hidden
+    monkeypatch.setattr(decoder, "_forward", watched)
     decoder.step()
     for r, (p, seq) in enumerate(zip(ps, seqs)):
         model.reset(1, CONTEXT)

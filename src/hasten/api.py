@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .decoding.budget import (MAX_TREE_SIZE, AdaptiveTreeSize, CalibratedTreeSize, CostCurve,
-                              cached_cost_curve)
-from .decoding.engine import generate_speculative
+from .decoding.budget import MAX_TREE_SIZE, CostCurve, cached_cost_curve
+from .decoding.engine import generate_speculative, tree_sizer
 from .decoding.exactness import Exactness, cached_exactness, read_cached
 from .decoding.stats import GenerationStats
 from .decoding.sampling import SamplingParams
@@ -172,12 +171,7 @@ class Model:
                       f"here: {exact.why}. Greedy output may differ from plain decoding in rare "
                       "tokens.", file=sys.stderr, flush=True)
             if tree_size is None:
-                expected = getattr(draft, "expected_lengths", None)
-                # A static tree with measured expected lengths (Medusa): its size is picked from
-                # them and the verify costs, corrected each step by how the drafts actually do.
-                sizer = (CalibratedTreeSize(self.cost_curve(), expected, MAX_TREE_SIZE)
-                         if expected else AdaptiveTreeSize(self.cost_curve(), MAX_TREE_SIZE))
-                sizer.draft_cost.per_step = getattr(draft, "cost_per_step", False)
+                sizer = tree_sizer(draft, self.cost_curve())
         return generate_speculative(self.backbone, draft, prompt_ids, max_new_tokens, params,
                                     stops, generator, self.max_positions, tree_size, typical,
                                     sizer, self.last_stats)

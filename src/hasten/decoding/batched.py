@@ -8,6 +8,9 @@ sequence and holds `length` committed entries; every sequence has its own length
                    choose the first token: the sequence's root (newest, not yet cached)
     step()         ONE forward over the roots of all active sequences, each at its own
                    position; their K/V are committed at once; one new root per sequence
+    speculate(trees)  the same forward with a draft tree after some sequences' roots (each
+                   node at position length + depth, seeing its row's past, its ancestors and
+                   itself); per sequence the accepted path + bonus, its K/V compacted in place
     remove(seq)    the sequence leaves at once; the last row moves into its place, so active
                    rows are always 0..n-1 and attention reads the cache in place
 
@@ -23,13 +26,24 @@ Exactness (see DESIGN.md): a sequence's tokens must not depend on who else is in
   to `hasten generate`); two or more rows share one masked SDPA call, whose rounding depends
   on the batch, like speculative decoding in this mode ("not exact", rare token differences).
 
-Speculative trees are not verified inside the batch: every sequence decodes plain. A sequence
-decoded speculatively alone (on the model's own cache) can join with `adopt`.
+Trees (`speculate`): the step's tokens are one flat batch of rows, each sequence's root then
+its nodes, so every matmul row is row-local as above. Roots attend as in `step`; a sequence
+with a tree is attended on its own cache row by the model's own `exact_attention` with the
+plan the solo verify builds (`plan_keys` over `verify_inputs`' mask), so each node reduces over
+its row's committed past, its ancestors and itself, in the solo verify's blocks: it cannot see
+another sequence's keys (it reads one row) nor its siblings (the mask). A node's numbers are
+then those of the solo verify, which are those of a plain step of its path (the solo engine's
+exactness, `decoding/exactness.py`). Acceptance is the solo engine's (`accept_step`), the
+accepted slots are packed as `LlamaModel.commit` packs them. SDPA mode: each tree row through
+SDPA with its mask, as the solo verify does there (not exact either).
+
+A sequence decoded speculatively alone (on the model's own cache) can join with `adopt`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +52,17 @@ from ..errors import ContextFullError
 from ..models.exact_attention import BLOCK, _block_partials  # the same block arithmetic
 from ..models.exact_attention import exact_attention, plan_keys
 from ..models.llama import LlamaModel, rope_inv_freq
+from .accept import accept_greedy
+from .budget import CostCurve
+from .engine import accept_step
 from .exactness import row_classes
 from .sampling import SamplingParams, choose
+from .tree import DraftTree, keep_indices, verify_inputs
+
+# Most tokens (roots + tree nodes) in one step: the verify cost curve is measured up to 65
+# tokens (beyond it its cost is a guess), and matmul rows are checked row-count invariant up to
+# the step's largest row count (`row_count_invariant(model, decoder.max_step_tokens)`).
+MAX_STEP_TOKENS = 65
 
 
 @dataclass(eq=False)  # identity: two sequences with equal fields are still two sequences
@@ -51,6 +74,10 @@ class Sequence:
     length: int = 0  # committed cache entries
     root: int = 0  # the newest token: chosen, not yet in the cache
     tokens: list[int] = field(default_factory=list)  # generated so far, the root last
+    typical: bool = False  # Medusa's (lossy) typical acceptance for this sequence's trees
+    # [n, d] the target's final hidden states at the positions committed last (the prompt's
+    # after `add`): drafters read them (Medusa: the last row; EAGLE: all). None after `adopt`.
+    hidden: torch.Tensor | None = None
 
 
 class BatchedDecoder:
@@ -71,6 +98,7 @@ class BatchedDecoder:
         self.cos = angles.cos().to(model.device, model.dtype)
         self.sin = angles.sin().to(model.device, model.dtype)
         self.sequences: list[Sequence] = []
+        self.max_step_tokens = max(rows, MAX_STEP_TOKENS)  # what `speculate` may carry at most
         self.route_tenants = False  # set by the caller when the model has BitDelta tenants
 
     @property
@@ -93,13 +121,15 @@ class BatchedDecoder:
         seq = Sequence(len(prompt), params, generator, tenant)
         row = len(self.sequences)
         m, t = self.model, len(prompt)
-        self._route([seq])
+        self._route([seq.tenant])
         ids = torch.tensor([prompt], device=m.device)
         cos, sin = self.cos[:t][None, None], self.sin[:t][None, None]
         x = m.embed(ids)
         for i, block in enumerate(m.blocks):  # exactly the solo prefill: SDPA, causal
             x = block(x, cos, sin, self.k[i, row:row + 1], self.v[i, row:row + 1], 0, None)
-        logits = m.lm_head(m.norm(x)[:, -1:])[0, -1]
+        hidden = m.norm(x)  # row-local: the last row is what the solo prefill gets
+        logits = m.lm_head(hidden[:, -1:])[0, -1]
+        seq.hidden = hidden[0]
         seq.length, seq.root = t, int(choose(logits, params, generator))
         seq.tokens.append(seq.root)
         self.sequences.append(seq)
@@ -137,35 +167,105 @@ class BatchedDecoder:
 
     # ---- one step for everyone ----------------------------------------------------------------
 
-    @torch.inference_mode()
     def step(self) -> list[tuple[Sequence, int]]:
         """Commit every active sequence's root and choose its next one, in one forward."""
+        return [(seq, new[-1]) for seq, new in self.speculate()]
+
+    @torch.inference_mode()
+    def speculate(self, trees: dict[Sequence, DraftTree] | None = None
+                  ) -> list[tuple[Sequence, list[int]]]:
+        """ONE forward over every active sequence's root and, for those in `trees`, its draft
+        tree; per sequence the tokens it gained (accepted drafts + bonus, the new root last)."""
         seqs = self.sequences
         if not seqs:
             return []
-        full = [s for s in seqs if s.length + 1 > self.capacity]
+        trees = trees or {}
+        step = self._layout([trees.get(s) if trees.get(s) is not None and trees[s].size else None
+                             for s in seqs])
+        logits, hidden = self._forward(step)
+        return self._accept(step, logits, hidden)
+
+    def _layout(self, trees: list[DraftTree | None]) -> _Step:
+        """Where each token of the step goes: sequence r's root, then its tree's nodes."""
+        seqs, m = self.sequences, self.model
+        full = [s for s, t in zip(seqs, trees) if s.length + 1 + (t.size if t else 0) > self.capacity]
         if full:
-            raise ContextFullError(f"a batch row is full ({self.capacity} entries); remove it first")
-        m = self.model
+            raise ContextFullError(f"a batch row is full ({self.capacity} entries); remove it "
+                                   "first or draft less")
+        tokens, positions, rows, slots, starts, plans = [], [], [], [], [], []
+        for r, (seq, tree) in enumerate(zip(seqs, trees)):
+            starts.append(len(tokens))
+            t = 1 + (tree.size if tree else 0)
+            rows += [r] * t
+            slots += range(seq.length, seq.length + t)
+            if tree is None:
+                tokens.append(seq.root)
+                positions.append(seq.length)
+                plans.append(None)
+                continue
+            ids, pos, mask = verify_inputs(tree, seq.root, seq.length)  # the solo verify's
+            tokens += ids[0].tolist()
+            positions += pos[0].tolist()
+            # Exact: the plan the solo verify builds for this mask; SDPA: the mask itself.
+            plans.append(plan_keys(mask[0], seq.length, t, m.device, m.share_past_blocks,
+                                   m.fused_attention) if m.exact else mask[0].to(m.device))
+        # A lone plain row in exact mode is computed as two identical rows, as the solo plain
+        # step is: a one-row matmul rounds differently. The copy writes the same K/V to the
+        # same slot. (Any tree makes two or more rows already.)
+        pad = 1 if m.exact and getattr(m, "pad_plain_steps", True) and len(tokens) == 1 else 0
+        tenants = [seqs[r].tenant for r in rows + rows[:pad]]
+        as_tensor = lambda values: torch.tensor(values + values[:pad], device=m.device)  # noqa: E731
+        return _Step(as_tensor(tokens), as_tensor(positions), as_tensor(rows), as_tensor(slots),
+                     starts, trees, plans, pad, tenants)
+
+    def _forward(self, step: _Step) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [T, vocab] and final hidden states [T, d] of the step's tokens (pad dropped)."""
+        m, seqs = self.model, self.sequences
         n = len(seqs)
-        # A lone row in exact mode is computed as two identical rows, as the solo plain step
-        # is: a one-row matmul rounds differently. The copy writes the same K/V to the same slot.
-        pad = 1 if m.exact and getattr(m, "pad_plain_steps", True) and n == 1 else 0
+        self._route(step.tenants)  # one tenant per token: every token is a batch row
         lengths = torch.tensor([s.length for s in seqs], device=m.device)
-        tokens = torch.tensor([[s.root] for s in seqs] + [[seqs[0].root]] * pad, device=m.device)
-        slots = torch.cat([lengths, lengths[:pad]])
-        index = torch.tensor(list(range(n)) + [0] * pad, device=m.device)  # cache row per row
-        self._route(seqs + seqs[:pad])
-        cos, sin = self.cos[slots][:, None, None], self.sin[slots][:, None, None]
-        x = m.embed(tokens)
+        plain = not any(step.trees)
+        roots = slice(0, n) if plain else torch.tensor(step.starts, device=m.device)
+        cos, sin = self.cos[step.positions][:, None, None], self.sin[step.positions][:, None, None]
+        x = m.embed(step.tokens[:, None])  # [T, 1, d]: every token its own batch row
         for i, block in enumerate(m.blocks):
             q, k, v = block.qkv(x, cos, sin)
-            self.k[i, index, :, slots] = k[:, :, 0]
-            self.v[i, index, :, slots] = v[:, :, 0]
-            attn = self._attention(i, q[:n], lengths, m.exact, block)
-            x = block.mix(x, torch.cat([attn, attn[:pad]]) if pad else attn)
-        logits = m.lm_head(m.norm(x))[:n, 0]
-        return self._choose(logits)
+            self.k[i, step.rows, :, step.slots] = k[:, :, 0]
+            self.v[i, step.rows, :, step.slots] = v[:, :, 0]
+            # Every root over its committed keys and itself, all rows in one call (tree rows'
+            # roots included: recomputed with their trees below, the same numbers in exact mode).
+            attn = self._attention(i, q[roots], lengths, m.exact, block)
+            if not plain:
+                attn = self._tree_attention(i, q, attn, step, block)
+            x = block.mix(x, torch.cat([attn, attn[:step.pad]]) if step.pad else attn)
+        hidden = m.norm(x)
+        # The LM head over every row, the pad copy too: its row count is part of the plain step.
+        logits = m.lm_head(hidden)
+        t = len(x) - step.pad
+        return logits[:t, 0], hidden[:t, 0]
+
+    def _tree_attention(self, layer: int, q, root_attn, step: _Step, block) -> torch.Tensor:
+        """[T, H, 1, D]: roots of plain rows from `root_attn`; each tree row (root and nodes)
+        over its own cache row with its plan, through the solo verify's attention call."""
+        m = self.model
+        attn = q.new_empty(q.shape[0] - step.pad, *q.shape[1:])
+        attn[torch.tensor(step.starts, device=q.device)] = root_attn
+        scale = block.hd ** -0.5
+        for r, (start, tree, plan) in enumerate(zip(step.starts, step.trees, step.plans)):
+            if tree is None:
+                continue
+            t = 1 + tree.size
+            qr = q[start:start + t, :, 0].transpose(0, 1)[None]  # [1, H, t, D], as solo has it
+            kr, vr = self.k[layer, r:r + 1], self.v[layer, r:r + 1]
+            if m.exact:
+                out = exact_attention(qr, kr, vr, plan, scale)
+            else:
+                end = self.sequences[r].length + t
+                out = F.scaled_dot_product_attention(qr, kr[:, :, :end], vr[:, :, :end],
+                                                     attn_mask=plan[None, None],
+                                                     enable_gqa=block.n_kv != block.n_heads)
+            attn[start:start + t] = out[0].transpose(0, 1)[:, :, None]
+        return attn
 
     def _attention(self, layer: int, q, lengths, exact: bool, block) -> torch.Tensor:
         """Each row's query over its committed keys and itself (lengths[r] + 1 keys)."""
@@ -194,23 +294,42 @@ class BatchedDecoder:
                                        plan, block.hd ** -0.5))
         return torch.cat(out)
 
-    def _choose(self, logits: torch.Tensor) -> list[tuple[Sequence, int]]:
-        seqs = self.sequences
+    def _accept(self, step: _Step, logits: torch.Tensor, hidden: torch.Tensor
+                ) -> list[tuple[Sequence, list[int]]]:
+        """Per sequence: the solo engine's acceptance over its rows, the accepted K/V packed
+        right after its committed entries (the root stays, path node i moves from slot
+        length + 1 + i to length + 1 + depth - 1), its new tokens."""
         greedy = logits.argmax(-1).tolist()  # one device sync for every greedy row
-        out = []
-        for r, seq in enumerate(seqs):
-            token = greedy[r] if seq.params.greedy else int(choose(logits[r], seq.params,
-                                                                  seq.generator))
-            seq.length += 1
-            seq.root = token
-            seq.tokens.append(token)
-            out.append((seq, token))
+        out, moves = [], []
+        for row, (seq, start, tree) in enumerate(zip(self.sequences, step.starts, step.trees)):
+            if tree is None:
+                path = []
+                bonus = greedy[start] if seq.params.greedy else int(
+                    choose(logits[start], seq.params, seq.generator))
+            elif seq.params.greedy:
+                path, bonus = accept_greedy(tree, argmax_ids=greedy[start:start + 1 + tree.size])
+            else:
+                path, bonus = accept_step(tree, logits[start:start + 1 + tree.size], seq.params,
+                                          seq.generator, seq.typical)
+            keep = keep_indices(path).tolist()
+            moves += [(row, seq.length + j, seq.length + src) for j, src in enumerate(keep)
+                      if src != j]
+            seq.hidden = hidden[[start + j for j in keep]]
+            new = [tree.token_list[i] for i in path] + [bonus] if tree else [bonus]
+            seq.length += len(keep)
+            seq.root = bonus
+            seq.tokens += new
+            out.append((seq, new))
+        if moves:  # gathered before written: sources lie at or after their destinations
+            rows, dst, src = (torch.tensor(c, device=self.k.device) for c in zip(*moves))
+            self.k[:, rows, :, dst] = self.k[:, rows, :, src]
+            self.v[:, rows, :, dst] = self.v[:, rows, :, src]
         return out
 
-    def _route(self, seqs: list[Sequence]) -> None:
+    def _route(self, tenants: list[int]) -> None:
         if self.route_tenants:
             from ..bitdelta.runtime import set_route  # noqa: PLC0415 - only with tenants
-            set_route(self.model, [s.tenant for s in seqs])
+            set_route(self.model, tenants)
 
 
 def batched_exact_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -257,3 +376,50 @@ def row_count_invariant(model: LlamaModel, rows: int) -> list[list[int]] | None:
         if len(classes) > 1:
             return classes
     return None
+
+
+class _Step(NamedTuple):
+    """One step's tokens, flat: sequence r's root at starts[r], then its tree's nodes."""
+    tokens: torch.Tensor  # [T + pad] token ids
+    positions: torch.Tensor  # [T + pad] RoPE positions (length + depth)
+    rows: torch.Tensor  # [T + pad] cache row of each token
+    slots: torch.Tensor  # [T + pad] cache slot its K/V goes to (length + index in its tree)
+    starts: list[int]
+    trees: list[DraftTree | None]  # per sequence; None: a plain step for it
+    plans: list  # per sequence with a tree: its KeyPlan (exact) or bool mask (SDPA)
+    pad: int  # 1: a lone plain row computed as two rows (see `_layout`)
+    tenants: list[int]  # BitDelta tenant per token
+
+
+class BatchCurve:
+    """The verify cost curve as one of `rows` sequences sharing a batched step sees it, for
+    its tree-size rule (`budget.AdaptiveTreeSize` / `CalibratedTreeSize` take it as `curve`).
+
+    A batched step of B sequences costs about c(total tokens - 1) (c: the curve measured for one
+    sequence, c(n) = a verify of 1 + n tokens). A sequence's n nodes add c(o + n) - c(o) on top
+    of the o = B - 1 other roots, and the whole batch waits for them, so they are charged B
+    times that:  cost(n) = c(o) + B (c(o + n) - c(o)).  For one row that is the curve itself;
+    for a linear curve and sequences that draft alike, maximising gain(n) / cost(n) per
+    sequence picks exactly the size that maximises the batch's tokens per second. So trees stay
+    large where the curve is flat (a GPU, bfloat16 on AMX) and shrink as the batch grows where
+    it is steep. The other sequences' trees are not counted (they are not known yet when a
+    size is picked); `share_tokens` caps the step as a whole."""
+
+    def __init__(self, curve: CostCurve):
+        self.curve, self.rows = curve, 1
+
+    def cost(self, n: int) -> float:
+        others = self.rows - 1
+        base = self.curve.cost(others)
+        return base + self.rows * (self.curve.cost(others + n) - base)
+
+
+def share_tokens(sizes: list[int], rows: int, max_tokens: int) -> list[int]:
+    """Tree sizes for the drafting sequences of a step of `rows` sequences: as asked, unless
+    the step (a root per sequence plus every node) would pass `max_tokens`; then each is cut
+    in proportion."""
+    room = max(max_tokens - rows, 0)
+    total = sum(sizes)
+    if total <= room:
+        return list(sizes)
+    return [size * room // total for size in sizes]

@@ -26,7 +26,7 @@ import torch
 
 from ..models.backbone import Backbone
 from .accept import accept, accept_greedy, accept_typical
-from .budget import MAX_TREE_SIZE, TreeSizer
+from .budget import MAX_TREE_SIZE, AdaptiveTreeSize, CalibratedTreeSize, CostCurve, TreeSizer
 from .sampling import SamplingParams, choose
 from .stats import GenerationStats, cache_capacity
 from .tree import DraftTree, keep_indices, verify_inputs
@@ -117,7 +117,7 @@ def generate_speculative(backbone: Backbone, drafter: Drafter | None, prompt: li
         else:
             out = backbone.forward(*verify_inputs(tree, root, backbone.length, backbone.device))
             t2 = time.perf_counter()
-            path, bonus = _accept(tree, out.logits[0], params, generator, typical)
+            path, bonus = accept_step(tree, out.logits[0], params, generator, typical)
             keep = keep_indices(path)
             backbone.commit(keep)
             committed = out.hidden[0, keep.to(out.hidden.device)]
@@ -151,6 +151,17 @@ def generate_speculative(backbone: Backbone, drafter: Drafter | None, prompt: li
     stats.total_time = time.perf_counter() - start
 
 
+def tree_sizer(drafter, curve: CostCurve, max_size: int = MAX_TREE_SIZE) -> TreeSizer:
+    """The per-step tree-size rule for `drafter`: a static tree with measured expected lengths
+    (Medusa, EAGLE) is sized from them and corrected by how its drafts do on this text; any
+    other from its observed acceptance rate. `curve`: what a verify of n nodes costs."""
+    expected = getattr(drafter, "expected_lengths", None)
+    sizer = (CalibratedTreeSize(curve, expected, max_size) if expected
+             else AdaptiveTreeSize(curve, max_size))
+    sizer.draft_cost.per_step = getattr(drafter, "cost_per_step", False)
+    return sizer
+
+
 def _shadow_probe(sizer: TreeSizer | None, drafter) -> bool:
     return (sizer is not None and sizer.probe.probing and sizer.size > 0
             and getattr(drafter, "cheap", False))
@@ -177,7 +188,7 @@ class ShadowWalk:
         return False
 
 
-def _accept(tree: DraftTree, logits: torch.Tensor, params: SamplingParams,
+def accept_step(tree: DraftTree, logits: torch.Tensor, params: SamplingParams,
             generator: torch.Generator | None, typical: bool) -> tuple[list[int], int]:
     """The accepted path and bonus from verify logits [1 + N, vocab], wherever they live.
 
