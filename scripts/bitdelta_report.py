@@ -4,6 +4,7 @@
     python scripts/bitdelta_report.py memory --base B --delta D1 --delta D2 ... --tenants 1 4 8
     python scripts/bitdelta_report.py speed --base B --delta D [--tokens 64 --prompts 4]
     python scripts/bitdelta_report.py batch --base B --delta D1 ... (4 tenants x 2 clients)
+    python scripts/bitdelta_report.py speculate --base B --delta code=D1 ... [--dtype bfloat16]
 
 quality: per fine-tune, domain perplexity (held-out windows) and teacher-forced greedy agreement
 with the fine-tune (its greedy continuations of held-out prompts) for the base, the fine-tune,
@@ -11,6 +12,9 @@ BitDelta with mean |delta| scales and BitDelta with distilled scales (merged wei
 memory: each configuration in a fresh process (VmRSS after loading, VmHWM = peak): one base +
 N delta tenants in one model, versus N full fine-tune folders loaded as N models (--finetune
 FOLDER, cycled). N separate servers would hold N x the one-model process instead.
+speculate: per tenant, on its own domain's held-out prompts, the base's drafters (lookup and the
+base's Medusa and EAGLE heads) on the delta-aware model: tokens per step, tok/s against plain
+decoding of the same tenant, and whether every greedy answer equals plain decoding's.
 """
 
 from __future__ import annotations
@@ -200,12 +204,48 @@ def batch(args) -> None:
                       "batched_over_sequential": med["batched"] / med["sequential"]}))
 
 
+def speculate(args) -> None:
+    from hasten.api import load
+    from hasten.bitdelta import data
+    from hasten.bitdelta.model import with_delta
+
+    torch.set_num_threads(args.threads)
+    base = load(args.base, dtype=args.dtype)
+    methods = ("plain", "lookup", "medusa", "eagle")
+    for spec in args.delta:
+        domain, path = spec.split("=", 1)
+        tenant = with_delta(base, path)
+        prompts = data.prompts(base.tokenizer, domain, args.prompts)
+        seconds = dict.fromkeys(methods, 0.0)
+        gained = {m: [] for m in methods}  # tokens gained per decode step
+        made, same, answers = 0, dict.fromkeys(methods, 0), {}
+        for method in methods:  # untimed: measures the tenant's verify costs and exactness once
+            list(tenant.generate_ids(prompts[0], 8, draft=None if method == "plain" else method))
+        for i, p in enumerate(prompts):  # methods interleaved per prompt
+            for method in methods:
+                t = time.perf_counter()
+                out = list(tenant.generate_ids(p, args.tokens, draft=None if method == "plain" else method,
+                                               ignore_eos=True))
+                seconds[method] += time.perf_counter() - t
+                gained[method] += tenant.last_stats.accepted or [1] * tenant.last_stats.steps
+                if method == "plain":
+                    answers[i] = out
+                    made += len(out)
+                same[method] += out == answers[i]
+        print(json.dumps({"tenant": domain, "dtype": args.dtype, "threads": args.threads,
+                          "prompts": len(prompts), "tokens_each": args.tokens,
+                          "tok_s": {m: round(made / seconds[m], 1) for m in methods},
+                          "speedup": {m: round(seconds["plain"] / seconds[m], 2) for m in methods},
+                          "tokens_per_step": {m: round(sum(g) / max(1, len(g)), 2) for m, g in gained.items()},
+                          "same_as_plain": {m: f"{same[m]}/{len(prompts)}" for m in methods}}), flush=True)
+
+
 def main() -> None:
     if sys.argv[1:] == ["memory-child"]:
         print(json.dumps(memory_child(json.loads(sys.stdin.read()))))
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("what", choices=("quality", "memory", "speed", "batch"))
+    p.add_argument("what", choices=("quality", "memory", "speed", "batch", "speculate"))
     p.add_argument("--base", default=None)
     p.add_argument("--finetune", action="append", default=[], help="DOMAIN=FOLDER")
     p.add_argument("--delta", action="append", default=[], help="quality: DOMAIN=DELTA; else DELTA")
@@ -219,7 +259,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", help="speed, batch: the compute dtype")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    {"quality": quality, "memory": memory, "speed": speed, "batch": batch}[args.what](args)
+    {"quality": quality, "memory": memory, "speed": speed, "batch": batch,
+     "speculate": speculate}[args.what](args)
 
 
 if __name__ == "__main__":
