@@ -16,6 +16,7 @@ from hasten.decoding.sampling import SamplingParams
 from hasten.decoding.tree import DraftTree
 from hasten.drafters.lookup import LookupDrafter
 from test_batched import CONTEXT, NEW, prompts, tiny_model
+from test_server_batching import model  # noqa: F401 - the tiny chat model fixture
 
 
 class Oracle:
@@ -190,3 +191,89 @@ def test_the_tree_size_rule_sees_the_batch():
     assert shared.cost(4) == curve.cost(3) + 4 * (curve.cost(7) - curve.cost(3))
     assert share_tokens([8, 8, 0], 3, 65) == [8, 8, 0]
     assert share_tokens([40, 20, 0], 3, 33) == [20, 10, 0]  # 3 roots + 30 nodes
+
+
+# ---- the server: requests with drafters speculate inside the batch ------------------------
+
+REPEATS = [[{"role": "user", "content": "abcabcabcabcabcabc"}],
+           [{"role": "user", "content": "xyzxyzxyzxyzxyz"}]]
+
+
+def watch_speculate(monkeypatch, decoder) -> list[int]:
+    """Records how many trees each batched `speculate` call verified."""
+    calls = []
+    speculate = decoder.speculate
+
+    def watched(trees=None):
+        calls.append(len(trees or {}))
+        return speculate(trees)
+    monkeypatch.setattr(decoder, "speculate", watched)
+    return calls
+
+
+def test_two_concurrent_lookup_requests_speculate_in_the_batch_with_their_solo_answers(
+        model, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hasten.server import create_app
+    from test_server import Server, wait_for
+    from test_server_batching import ForwardGate, ask
+
+    want = [model.generate(q, 60, temperature=0) for q in REPEATS]
+    s = Server(create_app(model, log=False, tree_size=4, max_batch=2))
+    engine = s.app.state.engine
+    trees = watch_speculate(monkeypatch, engine.decoder)
+    gate = ForwardGate(monkeypatch, model.backbone, after=2)  # the first one, alone: prefill + 1
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(ask, s.client(), REPEATS[0], max_tokens=60, draft="lookup")
+            wait_for(lambda: gate.calls > 2, "the first request to speculate alone")
+            second = pool.submit(ask, s.client(), REPEATS[1], max_tokens=60, draft="lookup")
+            wait_for(lambda: engine.queued == 1, "the second request to wait")
+            gate.opened.set()  # the first joins the batch and both speculate there
+            answers = [first.result(60), second.result(60)]
+    finally:
+        gate.opened.set()
+        s.stop()
+    assert [text for text, _ in answers] == want and min(map(len, want)) >= 20
+    stats = [r.model_extra["hasten"] for _, r in answers]
+    assert all(st["draft"] == "lookup" and st["max_batch_size"] == 2 for st in stats)
+    assert all(st["mean_accepted_tokens_per_step"] > 1 for st in stats)
+    assert 2 in trees  # steps verified both requests' trees in one forward
+
+
+def test_a_seeded_sample_beside_speculating_requests_is_its_solo_sample(model, monkeypatch):
+    """DESIGN/issue: with a seed, the same sample whoever else is served. Seeded requests
+    decode plain (speculative sampling draws differently), so it is the plain sample."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hasten.server import create_app
+    from test_server import Gate, Server, wait_for
+    from test_server_batching import ask
+
+    want = model.generate(REPEATS[1], 30, temperature=0.8, seed=3)
+    s = Server(create_app(model, log=False, tree_size=4, max_batch=3))
+    engine = s.app.state.engine
+    gate = Gate(monkeypatch, engine, after=1)  # a plain request holds the batch open
+    trees = watch_speculate(monkeypatch, engine.decoder)
+
+    def sampled():
+        return s.client().chat.completions.create(
+            model="tiny", messages=REPEATS[1], max_tokens=30, temperature=0.8, seed=3,
+            extra_body={"draft": "lookup"})
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            holder = pool.submit(ask, s.client(), REPEATS[0], max_tokens=40)
+            wait_for(lambda: gate.calls > 1, "the plain request to reach the gate")
+            greedy = pool.submit(ask, s.client(), REPEATS[0], max_tokens=60, draft="lookup")
+            seeded = pool.submit(sampled)
+            wait_for(lambda: engine.queued == 2, "both to wait for the step boundary")
+            gate.opened.set()
+            r, (text, _), _ = seeded.result(60), greedy.result(60), holder.result(60)
+    finally:
+        gate.opened.set()
+        s.stop()
+    assert r.choices[0].message.content == want
+    assert r.model_extra["hasten"]["draft"] == "none"
+    assert text == model.generate(REPEATS[0], 60, temperature=0)
+    assert any(trees)  # the greedy one speculated beside it

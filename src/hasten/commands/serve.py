@@ -112,15 +112,26 @@ def run(args) -> None:
 
 def warn_if_rows_depend_on_the_batch(engine, max_batch: int) -> None:
     """Batched answers equal solo ones only if a matmul row does not depend on the row count
-    (2..max_batch) here: measured on the weights (a second or so), said once at start."""
+    (2 up to the most tokens a step carries) here: measured on the weights (a second or so),
+    said once at start; where only large counts differ, steps are capped below them."""
     from ..decoding.batched import row_count_invariant
     if not engine.exact:
         print("hasten serve: float32 runs attention through SDPA (not exact): a batched answer "
               "may differ from the solo one in rare tokens; --dtype bfloat16 is exact",
               file=sys.stderr, flush=True)
         return
-    classes = row_count_invariant(engine.decoder.model, max_batch)
-    if classes:
-        print(f"hasten serve: warning: matmul rows here depend on the row count {classes}: "
-              "batched answers may differ from solo ones in rare tokens; a smaller --max-batch "
-              "may avoid it", file=sys.stderr, flush=True)
+    decoder = engine.decoder
+    classes = row_count_invariant(decoder.model, decoder.max_step_tokens)
+    if not classes:
+        return
+    sizes, same = sorted(m for c in classes for m in c), set(classes[0])  # classes[0] holds 2
+    safe = max(m for i, m in enumerate(sizes) if set(sizes[:i + 1]) <= same)
+    if safe >= max_batch:  # plain steps are fine; speculative steps stay within the safe rows
+        decoder.max_step_tokens = safe
+        print(f"hasten serve: matmul rows here depend on the row count {classes}: a batched "
+              f"step carries at most {safe} tokens (roots + draft trees)", file=sys.stderr,
+              flush=True)
+        return
+    print(f"hasten serve: warning: matmul rows here depend on the row count {classes}: "
+          "batched answers may differ from solo ones in rare tokens; a smaller --max-batch "
+          "may avoid it", file=sys.stderr, flush=True)

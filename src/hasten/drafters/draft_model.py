@@ -11,6 +11,8 @@ its first `n_layers` blocks plus its final norm and LM head (shared weights, own
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -28,6 +30,13 @@ class ModelDrafter:
         self.draft = draft
         self.depth = depth
         self.fed = 0  # context tokens already in the draft model's cache
+
+    def fork(self) -> ModelDrafter:
+        """A drafter for another sequence: the same weights, its own cache (`reset` allocates
+        it), so two sequences can draft side by side (the server's batch)."""
+        draft = copy.copy(self.draft)
+        draft._k = draft._v = None  # noqa: SLF001 - a shallow copy would share the cache tensors
+        return ModelDrafter(draft, self.depth)
 
     def reset(self, prompt: list[int], capacity: int | None = None) -> None:
         capacity = capacity or len(prompt) + 4096

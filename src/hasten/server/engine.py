@@ -13,17 +13,24 @@ Each request streams its text pieces back to the event loop through an asyncio q
 (`Job.post`). A request's tokens do not depend on who else is in the batch (see
 `decoding/batched.py`).
 
-Drafters: trees are not verified in batched steps. A greedy request with a drafter that finds
-the server idle decodes speculatively alone (the model's own engine and cache); when another
-request arrives it joins the batch at its next step boundary (its cache copied into a row) and
-decodes plain from there: the same tokens either way. Sampled requests always decode plain,
-so a seed gives the same sample whoever else is served.
+Drafters: every request with one gets its own instance (drafters such as EAGLE and draft
+models keep per-sequence state) and its own tree-size rule, and speculates inside the batch:
+each step its tree goes into the one batched forward beside the other requests' roots and
+trees (`BatchedDecoder.speculate`), and it gains its accepted path + bonus. A greedy request
+with a drafter that finds the server idle decodes speculatively alone (the model's own engine
+and cache, the CLI's speed); when another request arrives it joins the batch at its next step
+boundary (its cache copied into a row) and goes on speculating there: the same tokens either
+way. Seeded sampled requests decode plain: speculative sampling is lossless but draws
+differently from plain sampling, and its draws depend on the tree sizes, which the batch
+changes, so only plain decoding gives a seed the same sample whoever else is served (unseeded
+sampled requests speculate: lossless, nothing to reproduce).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import queue
 import sys
 import threading
@@ -33,7 +40,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..api import Detokenizer
-from ..decoding.batched import BatchedDecoder, Sequence
+from ..decoding.batched import BatchCurve, BatchedDecoder, Sequence, share_tokens
+from ..decoding.budget import MAX_TREE_SIZE
+from ..decoding.engine import tree_sizer
 from ..decoding.sampling import SamplingParams
 from ..decoding.stats import GenerationStats
 from ..drafters import DraftSpec
@@ -85,8 +94,8 @@ class Job:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
-    draft: str | None = None  # the drafter the request named (it decodes plain in the batch)
-    drafter: object = None
+    draft: str | None = None  # the drafter the request named
+    drafter: object = None  # the model's instance for that spec: each request drafts with a copy
     tree_size: int | None = None
     stop: list[str] = field(default_factory=list)
     loop: asyncio.AbstractEventLoop | None = None
@@ -125,7 +134,7 @@ class Outcome:
     queue_time: float
     batch_size: int = 1  # the most rows this request shared a step with
     time_limit: bool = False  # ended by the per-request time limit
-    requested_draft: str | None = None  # what the request asked for (batched steps are plain)
+    requested_draft: str | None = None  # what the request asked for (seeded sampling: plain)
 
     def hasten_stats(self) -> dict:
         """The speculative statistics returned with every answer."""
@@ -158,6 +167,7 @@ class Running:
     solo: object = None  # the speculative token stream while it decodes alone (no `seq`)
     drafted: bool = False  # decoded speculatively for a while
     tokens: list[int] = field(default_factory=list)  # delivered so far
+    drafting: Drafting | None = None  # its drafter, in the batch
 
     def emit(self, text: str) -> None:
         """A stream gets each piece at once; a non-streaming answer gets one event at the end
@@ -171,6 +181,23 @@ class Running:
         if self.held:
             self.job.post("text", "".join(self.held))
             self.held.clear()
+
+
+@dataclass(eq=False)
+class Drafting:
+    """A request's own drafter and tree-size rule, for its speculative steps in the batch."""
+    drafter: object
+    context: list[int]  # prompt + generated, the root last (what `propose` continues)
+    max_size: int  # the request's (or server's) tree size; MAX_TREE_SIZE under the sizer
+    sizer: object = None  # None: always max_size nodes
+    curve: BatchCurve | None = None  # the sizer's cost curve, told the batch size each step
+
+
+def own_drafter(template):
+    """A drafter for one request: `fork()` where the drafter holds state a shallow copy would
+    share (a draft model's cache), else a shallow copy (its `reset` rebinds its own state)."""
+    fork = getattr(template, "fork", None)
+    return fork() if fork is not None else copy.copy(template)
 
 
 class Engine:
@@ -304,14 +331,22 @@ class Engine:
     def _start(self, job: Job) -> None:
         start = time.perf_counter()
         params = SamplingParams(job.temperature, job.top_k, job.top_p)
-        if self._speculates_alone(job, params):
+        drafts = job.drafter is not None and (params.greedy or job.seed is None)
+        if drafts:
+            job.drafter = own_drafter(job.drafter)
+        if drafts and self._speculates_alone(job, params):
             self._start_solo(job, start)
             return
         stats = GenerationStats(prompt_tokens=len(job.prompt_ids), exact=self.exact)
         generator = None if job.seed is None else torch.Generator().manual_seed(job.seed)
         seq = self.decoder.add(job.prompt_ids, params, generator, job.tenant)
+        seq.typical = self.typical
         run = Running(job, seq, Detokenizer(self.model.tokenizer), StopMatcher(job.stop), stats,
                       start, start - job.created)
+        if drafts:
+            job.drafter.reset(list(job.prompt_ids), self.decoder.capacity)
+            job.drafter.observe([seq.root], seq.hidden)  # as the solo engine after its prefill
+            self._draft_in_batch(run, list(job.prompt_ids) + [seq.root])
         self.running.append(run)
         stats.time_to_first_token = time.perf_counter() - start
         self.metrics.ttft.observe(time.perf_counter() - job.created)
@@ -321,10 +356,21 @@ class Engine:
     # ---- a lone request with a drafter: speculative decoding until company arrives -------
 
     def _speculates_alone(self, job: Job, params: SamplingParams) -> bool:
-        """Greedy only: a sampled answer must not depend on when others arrive (speculative
-        sampling draws differently from plain sampling; greedy gives the same tokens)."""
-        return (job.drafter is not None and params.greedy and not self.running
-                and self.jobs.empty() and not self.decoder.route_tenants)
+        """Greedy only: the solo engine's sampling would draw with its own tree sizes, the
+        batch's with others (the tree-size rule sees the batch), so a sampled answer would
+        depend on when others arrive; greedy gives the same tokens either way."""
+        return (params.greedy and not self.running and self.jobs.empty()
+                and not self.decoder.route_tenants)
+
+    def _draft_in_batch(self, run: Running, context: list[int]) -> None:
+        """From now on `run` speculates in the batch with its own drafter and tree-size rule."""
+        job = run.job
+        tree_size = job.tree_size if job.tree_size is not None else self.tree_size
+        drafting = Drafting(job.drafter, context, MAX_TREE_SIZE if tree_size is None else tree_size)
+        if tree_size is None:  # the solo engine's rule, over the cost curve the batch sees
+            drafting.curve = BatchCurve(self.model.cost_curve())
+            drafting.sizer = tree_sizer(job.drafter, drafting.curve)
+        run.drafting, run.drafted = drafting, True
 
     def _start_solo(self, job: Job, start: float) -> None:
         model = self.model
@@ -358,25 +404,74 @@ class Engine:
 
     def _join_batch(self, run: Running) -> None:
         """Move the lone speculative request into the batch, at its step boundary: its
-        committed cache is copied into a batch row; it decodes plain from here on."""
+        committed cache is copied into a batch row; its drafter (fed every token so far) goes
+        on drafting there, with a fresh tree-size rule. Its first batched step is plain where
+        the drafter needs the target's last hidden state (Medusa), which `adopt` has not."""
         run.solo.close()
         run.seq = self.decoder.adopt(self.model.backbone, run.tokens, len(run.job.prompt_ids),
                                      tenant=run.job.tenant)
+        run.seq.typical = self.typical
         run.solo, self.solo = None, None
+        self._draft_in_batch(run, list(run.job.prompt_ids) + run.tokens)
 
     def _step(self) -> None:
         rows = len(self.running)
         for run in self.running:
             run.batch_size = max(run.batch_size, rows)
         t0 = time.perf_counter()
-        results = self.decoder.step()
-        self.metrics.step(rows, time.perf_counter() - t0)
+        trees = self._draft(rows)
+        if trees:
+            results = self.decoder.speculate(trees)
+        else:  # every row plain: the plain step
+            results = [(seq, [token]) for seq, token in self.decoder.step()]
+        self.metrics.step([len(new) for _, new in results], time.perf_counter() - t0)
         by_seq = {id(run.seq): run for run in self.running}
-        for seq, token in results:
+        for seq, new in results:
             run = by_seq[id(seq)]
             run.stats.steps += 1
-            run.stats.accepted.append(1)
-            self._deliver(run, token)
+            run.stats.accepted.append(len(new))
+            drafting = run.drafting
+            if drafting is not None:
+                tree = trees.get(seq)
+                if drafting.sizer is not None:
+                    drafting.sizer.update(tree.max_depth if tree else 0, len(new) - 1,
+                                          tree.size if tree else 0)
+                drafting.drafter.observe(new, seq.hidden)
+                drafting.context += new
+            for token in new:
+                self._deliver(run, token)
+                if run.stats.finish_reason:
+                    break
+
+    def _draft(self, rows: int) -> dict:
+        """This step's tree of every drafting request. Sizes: each request's rule over the
+        cost curve as a sequence of `rows` sees it (`BatchCurve`), within the room left in its
+        row, and together within the step's token cap (`share_tokens`)."""
+        drafting = [run for run in self.running if run.drafting is not None]
+        if not drafting:
+            return {}
+        wanted = []
+        for run in drafting:
+            d = run.drafting
+            if d.curve is not None:
+                d.curve.rows = rows
+            size = d.sizer.size if d.sizer is not None else d.max_size
+            wanted.append(max(0, min(size, d.max_size, self.decoder.capacity - run.seq.length - 1)))
+        trees = {}
+        for run, size in zip(drafting, share_tokens(wanted, rows, self.decoder.max_step_tokens)):
+            if size <= 0:
+                continue
+            d, seq = run.drafting, run.seq
+            t0 = time.perf_counter()
+            hidden = seq.hidden[-1] if seq.hidden is not None else None
+            tree = d.drafter.propose(d.context, size, hidden).truncated(size)
+            spent = time.perf_counter() - t0
+            run.stats.draft_time += spent
+            if d.sizer is not None:
+                d.sizer.draft_cost.add(spent, tree.size)
+            if tree.size:
+                trees[seq] = tree
+        return trees
 
     def _deliver(self, run: Running, token: int) -> None:
         """Turn one new token into text for the client; mark the run finished if it is."""

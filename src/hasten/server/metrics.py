@@ -41,13 +41,14 @@ class Metrics:
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
 
-    def step(self, rows: int, seconds: float) -> None:
-        """One batched step: `rows` requests each gained one token in `seconds`."""
-        self.step_rows.observe(rows)
+    def step(self, gained: list[int], seconds: float) -> None:
+        """One batched step of len(gained) requests, request i gaining gained[i] tokens (1 for
+        a plain step, more for an accepted draft path) in `seconds`."""
+        self.step_rows.observe(len(gained))
         self.step_time.observe(seconds)
-        for _ in range(rows):
-            self.accepted.observe(1)
-        self.generated(rows)
+        for tokens in gained:
+            self.accepted.observe(tokens)
+        self.generated(sum(gained))
 
     def generated(self, tokens: int) -> None:
         self.tokens.inc(tokens)
