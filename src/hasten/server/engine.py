@@ -7,7 +7,8 @@ the worker
        limit: their rows are free at once;
     2. admits waiting requests into the free rows: each is prefilled alone and its first
        token goes out right away;
-    3. advances every admitted request by one token in ONE batched forward.
+    3. advances every admitted request in ONE batched forward: a plain request by one token,
+       one with a drafter by its accepted draft path + one (its tree verified in that forward).
 
 Each request streams its text pieces back to the event loop through an asyncio queue
 (`Job.post`). A request's tokens do not depend on who else is in the batch (see
