@@ -13,6 +13,7 @@ from hasten.decoding.budget import CostCurve
 from hasten.decoding.engine import generate_speculative
 from hasten.decoding.generate import generate_plain
 from hasten.decoding.sampling import SamplingParams
+from hasten.decoding.stats import GenerationStats
 from hasten.decoding.tree import DraftTree
 from hasten.drafters.lookup import LookupDrafter
 from test_batched import CONTEXT, NEW, prompts, tiny_model
@@ -55,7 +56,7 @@ def serve(model, prompts_, drafters, rows, order, stops, size=6, params=None, se
     drafts with drafters[i] (None: plain) and stops after stops[i] tokens. Returns each
     prompt's tokens and its tokens gained per step."""
     decoder = BatchedDecoder(model, rows, CONTEXT)
-    waiting, live, out, steps = list(order), {}, {}, {}
+    waiting, live, out, steps, counts = list(order), {}, {}, {}, {}
     while waiting or live:
         while waiting and decoder.free:
             i = waiting.pop(0)
@@ -77,8 +78,10 @@ def serve(model, prompts_, drafters, rows, order, stops, size=6, params=None, se
                 drafters[i].observe(new, seq.hidden)
             if len(seq.tokens) >= stops[i]:
                 out[live.pop(seq)] = seq.tokens[:stops[i]]
+                counts[i] = steps[i]
                 steps[i] = (len(seq.tokens) - 1) / steps[i]  # the first token came from the prefill
                 decoder.remove(seq)
+    serve.steps = [counts[i] for i in range(len(prompts_))]
     return [out[i] for i in range(len(prompts_))], [steps[i] for i in range(len(prompts_))]
 
 
@@ -277,3 +280,24 @@ def test_a_seeded_sample_beside_speculating_requests_is_its_solo_sample(model, m
     assert r.model_extra["hasten"]["draft"] == "none"
     assert text == model.generate(REPEATS[0], 60, temperature=0)
     assert any(trees)  # the greedy one speculated beside it
+
+
+def test_draft_model_drafters_forked_per_sequence_keep_their_own_caches():
+    """Two sequences drafting with one self-draft model side by side: `fork` gives each its own
+    draft cache (a shared one would draft one sequence from the other's context)."""
+    from hasten.drafters.draft_model import ModelDrafter, self_draft
+
+    model = tiny_model(torch.bfloat16, True)
+    ps = prompts(3, seed=6)
+    solo = [list(generate_plain(model, p, 40)) for p in ps]
+    template = ModelDrafter(self_draft(model, 1), depth=3)
+    drafters = [template.fork() for _ in ps]
+    assert len({id(d.draft) for d in drafters}) == len(ps)
+    got, _ = serve(model, ps, drafters, 3, range(3), [40] * 3, size=3)
+    assert got == solo
+    alone = []  # steps of the solo speculative engine with a drafter of its own
+    for p in ps:
+        stats = GenerationStats()
+        list(generate_speculative(model, template.fork(), p, 40, tree_size=3, stats=stats))
+        alone.append(stats.steps)
+    assert serve.steps == alone  # each drafted from its own context: the same trees
