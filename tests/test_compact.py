@@ -163,3 +163,41 @@ def test_logical_attention_depends_on_a_querys_own_keys_only(kernel):
         vv = v[0, :, slots].repeat_interleave(heads // kv, 0)
         want = torch.softmax(q[0, :, i:i + 1] @ kk.transpose(-1, -2) * d ** -0.5, -1) @ vv
         torch.testing.assert_close(out[0, :, i], want[:, 0], rtol=1e-5, atol=1e-5)
+
+
+# ---- dense float32 on the same kernels ------------------------------------------------------
+
+def test_dense_float32_kernel_rows_do_not_depend_on_the_row_count(kernel):
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(70, 96, generator=g), torch.randn(65, 96, generator=g)
+    y = qk.dense_matmul(x, w)
+    assert torch.allclose(y.double(), x.double() @ w.double().t(), atol=1e-4)
+    for rows in (1, 2, 3, 4, 5, 9, 17):
+        assert torch.equal(qk.dense_matmul(x[:rows], w), y[:rows])
+
+
+def test_dense_float32_runs_on_the_kernels_exactly(tmp_path, cache, kernel):
+    """Where the AVX-512 kernels build, `load(dtype="float32")` multiplies with them: the same
+    function as MKL's float32 (to rounding), measured exact under speculation, so exact
+    attention is on and greedy lookup equals plain."""
+    from hasten.models.compact import KernelDense
+    if not kernel.has_avx512():
+        pytest.skip("dense float32 stays on MKL without the AVX-512 kernels")
+    _, path = tiny_gguf(tmp_path, tie_word_embeddings=True)
+    model = hasten.load(str(path), progress=False)
+    mkl = load_backbone(str(path)).backbone
+    b = model.backbone
+    assert all(isinstance(getattr(blk, n), KernelDense) for blk in b.blocks
+               for n in ("wqkv", "wo", "w_gate_up", "w_down"))
+    assert isinstance(b.lm_head, KernelDense) and b.lm_head.w is b.embed.weight  # one table
+    assert model.fingerprint.endswith("-kernels-" + qk.kernel_name())
+    assert b.exact and model.exactness().exact
+    ids = torch.tensor([[5, 9, 11, 40, 3, 7]])
+    b.exact = mkl.exact = False  # the same attention on both sides: only the matmuls differ
+    with torch.inference_mode():
+        b.reset(1, 16), mkl.reset(1, 16)
+        assert torch.allclose(b.forward(ids).logits, mkl.forward(ids).logits, atol=1e-4)
+    b.exact = True
+    prompt = model.encode("hello hello hello", chat=False)
+    plain = list(model.generate_ids(prompt, 24, ignore_eos=True))
+    assert list(model.generate_ids(prompt, 24, ignore_eos=True, draft="lookup", tree_size=4)) == plain

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from ..decoding.exactness import row_classes
 from .common import add_model_args, log
 
 
@@ -55,7 +56,7 @@ def run(args) -> None:
         b = model.backbone
         if hasattr(b, "blocks"):  # the lean runtime: its matmuls, as this plan computes them
             layer = b.blocks[0]
-            entry["row_classes"] = {name: layer_row_classes(m, b.dtype) for name, m in (
+            entry["row_classes"] = {name: row_classes(m, trials=8, dtype=b.dtype) for name, m in (
                 ("qkv", layer.wqkv), ("gate_up", layer.w_gate_up), ("down", layer.w_down),
                 ("lm_head", b.lm_head))}
         if plan == "compact":
@@ -76,29 +77,6 @@ def run(args) -> None:
                                                       "float32 reference") + ")", flush=True)
     if args.json:
         print(json.dumps(report))
-
-
-def layer_row_classes(layer, dtype, sizes=None, trials: int = 8) -> list[list[int]]:
-    """Row counts grouped by the bits of row 0 of `layer(x)` (the layer's own kernel: dense or
-    compact), over `trials` row-0 inputs, as `decoding.exactness.row_classes` does for a
-    dense weight."""
-    from ..decoding.exactness import ROW_COUNTS
-    sizes = sizes or ROW_COUNTS
-    n_in = layer.weight_t.shape[0] if not hasattr(layer, "in_features") else layer.in_features
-    g = torch.Generator().manual_seed(0)
-    firsts = torch.randn(trials, n_in, generator=g).to(dtype)
-    groups: list[tuple[torch.Tensor, list[int]]] = []
-    with torch.inference_mode():
-        for m in sizes:
-            others = torch.randn(m - 1, n_in, generator=g).to(dtype)
-            rows = torch.stack([layer(torch.cat([f[None], others]))[0] for f in firsts])
-            for seen, members in groups:
-                if torch.equal(seen, rows):
-                    members.append(m)
-                    break
-            else:
-                groups.append((rows, [m]))
-    return [members for _, members in groups]
 
 
 def describe(plan: str, e: dict) -> str:

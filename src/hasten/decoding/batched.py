@@ -369,10 +369,7 @@ def row_count_invariant(model: LlamaModel, rows: int) -> list[list[int]] | None:
     block = model.blocks[0]
     for dense in (block.wqkv, block.wo, block.w_gate_up, block.w_down, model.lm_head):
         dense = getattr(dense, "base", dense)  # a layer wrapped by BitDelta: its base
-        weight = getattr(dense, "weight_t", None)  # [in, out] (see models.llama.Dense)
-        if weight is None:
-            continue
-        classes = row_classes(weight, tuple(sizes), trials=4)
+        classes = row_classes(dense, tuple(sizes), trials=4, dtype=model.dtype)  # its own kernel
         if len(classes) > 1:
             return classes
     return None

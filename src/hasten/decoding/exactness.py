@@ -36,23 +36,35 @@ class Exactness:
     nodes_differing: int = 0
 
 
-def row_classes(weight: torch.Tensor, sizes=ROW_COUNTS, trials: int = 16,
-                seed: int = 0) -> list[list[int]]:
-    """Row counts grouped by the bits of row 0 of `x @ weight` (weight [in, out]), over
-    `trials` different row-0 inputs: in half precision a kernel difference shows in the
-    rounded output only now and then, so one input is not enough."""
+def row_classes(weight, sizes=ROW_COUNTS, trials: int = 16, seed: int = 0,
+                dtype: torch.dtype | None = None) -> list[list[int]]:
+    """Row counts grouped by the bits of row 0 of `x @ weight` (weight [in, out]) or, for a
+    layer, of `layer(x)` (its own kernel: MKL, oneDNN or ours), over `trials` different row-0
+    inputs: in half precision a kernel difference shows in the rounded output only now and
+    then, so one input is not enough. `dtype`: a layer's input dtype (default: its weights')."""
+    if isinstance(weight, torch.Tensor):
+        n_in, device, dtype = weight.shape[0], weight.device, weight.dtype
+        def apply(x):
+            return x @ weight
+    else:
+        n_in = getattr(weight, "in_features", None) or weight.weight_t.shape[0]
+        param = next(iter(weight.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = dtype or (param.dtype if param is not None else torch.float32)
+        apply = weight
     g = torch.Generator().manual_seed(seed)
-    firsts = torch.randn(trials, weight.shape[0], generator=g).to(weight.dtype).to(weight.device)
+    firsts = torch.randn(trials, n_in, generator=g).to(dtype).to(device)
     results: list[tuple[torch.Tensor, list[int]]] = []
-    for m in sizes:
-        others = torch.randn(m - 1, weight.shape[0], generator=g).to(weight.dtype).to(weight.device)
-        rows = torch.stack([(torch.cat([first[None], others]) @ weight)[0] for first in firsts]).cpu()
-        for seen, members in results:
-            if torch.equal(seen, rows):
-                members.append(m)
-                break
-        else:
-            results.append((rows, [m]))
+    with torch.inference_mode():
+        for m in sizes:
+            others = torch.randn(m - 1, n_in, generator=g).to(dtype).to(device)
+            rows = torch.stack([apply(torch.cat([first[None], others]))[0] for first in firsts]).cpu()
+            for seen, members in results:
+                if torch.equal(seen, rows):
+                    members.append(m)
+                    break
+            else:
+                results.append((rows, [m]))
     return [members for _, members in results]
 
 

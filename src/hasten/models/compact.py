@@ -9,6 +9,10 @@ only the order of the float32 sums inside a matmul differs.
 
 Tensors of other types (F32, F16, Q4_K, Q6_K, ...) are dequantized to float32 as the
 reference does, and `CompactSummary` says how many weights stayed compact.
+
+`dense_on_kernels(model)` runs a dense float32 model on the same compiled kernels (`KernelDense`:
+the float32 weights as they are): where MKL's rows depend on the row count, that is what makes
+float32 speculation exact, and for the few rows of decode and verify steps it is faster too.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from .config import LlamaConfig
 from .gguf_convert import (_ROPE_FREQS, PERMUTED_ARCHS, _dequantize, architecture, hf_tensor_name,
                            open_gguf, unpermute_rope_rows)
 from .llama import Block, Dense, LlamaModel, RMSNorm
-from .quant_kernels import (BLOCK, BLOCK_BYTES, block_matmul, can_fuse_attention,
+from .quant_kernels import (BLOCK, BLOCK_BYTES, block_matmul, can_fuse_attention, dense_matmul,
                             dequantize_blocks, kernel_module)
 
 
@@ -51,6 +55,31 @@ class QuantDense(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = block_matmul(x, self.blocks, self.kind)
+        return y if self.bias is None else y + self.bias
+
+
+class KernelDense(Dense):
+    """A dense float32 layer through the compiled kernel (`quant_kernels.dense_matmul`): the
+    same weights, [out, in] as the kernel reads them, and rows that do not depend on the row
+    count. With autograd on (BitDelta's scale distillation) it multiplies with torch."""
+
+    def __init__(self, dense: Dense, weight: torch.Tensor | None = None):
+        """From `dense`, or `weight` [out, in] when given (a tied LM head: the embedding)."""
+        nn.Module.__init__(self)
+        w = dense.weight_t.detach().t().contiguous() if weight is None else weight
+        self.w = w if isinstance(w, nn.Parameter) else nn.Parameter(w, requires_grad=False)
+        self.bias = dense.bias
+
+    @property
+    def weight_t(self) -> torch.Tensor:
+        return self.w.t()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.w.t() if torch.is_grad_enabled() and x.requires_grad else dense_matmul(x, self.w)
         return y if self.bias is None else y + self.bias
 
 
@@ -199,12 +228,42 @@ def build_compact_llama(cfg: LlamaConfig, gguf_path: str | Path) -> tuple[LlamaM
         model.lm_head = _linear([embed], None, summary)  # shares the embedding's blocks
     else:
         model.lm_head = _linear([matrix("lm_head.weight")], None, summary)
-    # The kernels' rows do not depend on the row count (plain steps need no padding row), and
-    # per-node attention keeps float32 attention exact too: measured by
-    # `Model.choose_attention` before exact attention is switched on.
+    _kernel_runtime(model)
+    return model.eval().requires_grad_(False), summary
+
+
+def _kernel_runtime(model: LlamaModel) -> None:
+    """What every model on the compiled kernels sets: their rows do not depend on the row
+    count (plain steps need no padding row), and per-node attention keeps float32 attention
+    exact too (measured by `Model.choose_attention` before exact attention is switched on)."""
+    cfg = model.config
     model.share_past_blocks = False
     model.pad_plain_steps = False
     model.fused_attention = can_fuse_attention(cfg.head_dim, torch.float32)
     if model.fused_attention and cfg.hidden_size % 16 == 0:
         _fuse_row_ops(model)
-    return model.eval().requires_grad_(False), summary
+
+
+def can_run_dense_on_kernels(model) -> bool:
+    """A float32 lean model on a CPU where the AVX-512 kernels build (the scalar build keeps
+    the bits invariant but is far slower than MKL)."""
+    module = kernel_module()
+    cfg = getattr(model, "config", None)
+    return (isinstance(model, LlamaModel) and model.dtype == torch.float32 and
+            model.device.type == "cpu" and module is not None and module.has_avx512() and
+            cfg.hidden_size % 32 == 0 and cfg.intermediate_size % 32 == 0 and
+            cfg.num_heads * cfg.head_dim % 32 == 0)
+
+
+def dense_on_kernels(model: LlamaModel) -> LlamaModel:
+    """`model` (dense float32) with every block linear and the LM head as `KernelDense`, and
+    norms, rotary and exact attention compiled, in place."""
+    for block in model.blocks:
+        for name in ("wqkv", "wo", "w_gate_up", "w_down"):
+            setattr(block, name, KernelDense(getattr(block, name)))
+    tied = model.embed.weight if model.config.tie_word_embeddings else None
+    if tied is not None and not torch.equal(tied, model.lm_head.weight):
+        tied = None  # not the same values after all: keep the head's own copy
+    model.lm_head = KernelDense(model.lm_head, tied)  # tied: no second [V, d] copy
+    _kernel_runtime(model)
+    return model

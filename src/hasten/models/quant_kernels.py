@@ -129,6 +129,14 @@ def block_matmul(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tens
     return y.reshape(*lead, blocks.shape[0])
 
 
+def dense_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] float32 @ W.T for dense float32 W [N, K], by the compiled kernel (rows
+    independent of the row count); callers check `kernel_module()` first."""
+    lead = x.shape[:-1]
+    y = kernel_module().f32_matmul(x.reshape(-1, x.shape[-1]).contiguous(), w)
+    return y.reshape(*lead, w.shape[0])
+
+
 def logical_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan,
                       scale: float) -> torch.Tensor:
     """`exact_attention` for a float32 plan with `counts` (see `exact_attention.plan_keys`),

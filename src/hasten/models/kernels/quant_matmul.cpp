@@ -53,6 +53,14 @@ inline void dequant_q4_1(const uint8_t* blk, __m512& w0, __m512& w1) {
   w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), d, m);
 }
 
+// Dense float32 weights (32 per "block"): the float32 reference's weights, in a matmul whose
+// rows do not depend on the row count (MKL's do, on some CPUs: see `hasten check`).
+inline void load_f32(const uint8_t* blk, __m512& w0, __m512& w1) {
+  const float* w = reinterpret_cast<const float*>(blk);
+  w0 = _mm512_loadu_ps(w);
+  w1 = _mm512_loadu_ps(w + 16);
+}
+
 inline void dequant_q8_0(const uint8_t* blk, __m512& w0, __m512& w1) {
   const __m512 d = _mm512_set1_ps(half_fast(blk));
   const __m128i* q = reinterpret_cast<const __m128i*>(blk + 2);
@@ -111,9 +119,18 @@ void tile(const float* x, int64_t ldx, int rows, const uint8_t* w, int64_t row_b
 }
 #endif
 
+enum Kind { Q4_1, Q8_0, F32 };
+constexpr int64_t F32_BYTES = QK * 4;
+
 // The scalar reference: weights computed as the AVX-512 path does, summed in order.
-float scalar_dot(const float* x, const uint8_t* wrow, int64_t nb, bool q4_1) {
+float scalar_dot(const float* x, const uint8_t* wrow, int64_t nb, Kind kind) {
   float acc = 0.f;
+  if (kind == F32) {
+    const float* w = reinterpret_cast<const float*>(wrow);
+    for (int64_t k = 0; k < nb * QK; ++k) acc = std::fma(x[k], w[k], acc);
+    return acc;
+  }
+  const bool q4_1 = kind == Q4_1;
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = wrow + b * (q4_1 ? Q4_1_BYTES : Q8_0_BYTES);
     const float d = half_at(blk);
@@ -131,17 +148,22 @@ float scalar_dot(const float* x, const uint8_t* wrow, int64_t nb, bool q4_1) {
   return acc;
 }
 
-torch::Tensor block_matmul(const torch::Tensor& x, const torch::Tensor& blocks, bool q4_1) {
+torch::Tensor block_matmul(const torch::Tensor& x, const torch::Tensor& blocks, Kind kind) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
               "x must be a contiguous float32 [M, K] tensor");
-  TORCH_CHECK(blocks.scalar_type() == torch::kUInt8 && blocks.dim() == 2 && blocks.is_contiguous(),
-              "blocks must be contiguous uint8 [N, K / 32 * block bytes]");
-  const int64_t bytes = q4_1 ? Q4_1_BYTES : Q8_0_BYTES;
+  const int64_t bytes = kind == Q4_1 ? Q4_1_BYTES : kind == Q8_0 ? Q8_0_BYTES : F32_BYTES;
   const int64_t M = x.size(0), K = x.size(1), N = blocks.size(0), nb = K / QK;
-  TORCH_CHECK(K % QK == 0 && blocks.size(1) == nb * bytes, "x and blocks disagree on K");
+  if (kind == F32) {
+    TORCH_CHECK(blocks.scalar_type() == torch::kFloat32 && blocks.dim() == 2 && blocks.is_contiguous() &&
+                blocks.size(1) == K && K % QK == 0, "w must be contiguous float32 [N, K], K a multiple of 32");
+  } else {
+    TORCH_CHECK(blocks.scalar_type() == torch::kUInt8 && blocks.dim() == 2 && blocks.is_contiguous(),
+                "blocks must be contiguous uint8 [N, K / 32 * block bytes]");
+    TORCH_CHECK(K % QK == 0 && blocks.size(1) == nb * bytes, "x and blocks disagree on K");
+  }
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
-  const uint8_t* wp = blocks.data_ptr<uint8_t>();
+  const uint8_t* wp = static_cast<const uint8_t*>(blocks.data_ptr());
   float* yp = y.data_ptr<float>();
   const int64_t row_bytes = nb * bytes;
   // Split N across threads only where each thread gets enough work (~256k multiply-adds):
@@ -155,14 +177,16 @@ torch::Tensor block_matmul(const torch::Tensor& x, const torch::Tensor& blocks, 
       for (int64_t r0 = 0; r0 < M; r0 += 8) {
         const int rows = static_cast<int>(std::min<int64_t>(8, M - r0));
 #if defined(__AVX512F__)
-        if (q4_1)
+        if (kind == Q4_1)
           tile<dequant_q4_1, Q4_1_BYTES>(xp + r0 * K, K, rows, wp, row_bytes, c0, c1, nb, yp + r0 * N, N);
-        else
+        else if (kind == Q8_0)
           tile<dequant_q8_0, Q8_0_BYTES>(xp + r0 * K, K, rows, wp, row_bytes, c0, c1, nb, yp + r0 * N, N);
+        else
+          tile<load_f32, F32_BYTES>(xp + r0 * K, K, rows, wp, row_bytes, c0, c1, nb, yp + r0 * N, N);
 #else
         for (int64_t n = c0; n < c1; ++n)
           for (int r = 0; r < rows; ++r)
-            yp[(r0 + r) * N + n] = scalar_dot(xp + (r0 + r) * K, wp + n * row_bytes, nb, q4_1);
+            yp[(r0 + r) * N + n] = scalar_dot(xp + (r0 + r) * K, wp + n * row_bytes, nb, kind);
 #endif
       }
     }
@@ -171,11 +195,15 @@ torch::Tensor block_matmul(const torch::Tensor& x, const torch::Tensor& blocks, 
 }
 
 torch::Tensor q4_1_matmul(const torch::Tensor& x, const torch::Tensor& blocks) {
-  return block_matmul(x, blocks, true);
+  return block_matmul(x, blocks, Q4_1);
 }
 
 torch::Tensor q8_0_matmul(const torch::Tensor& x, const torch::Tensor& blocks) {
-  return block_matmul(x, blocks, false);
+  return block_matmul(x, blocks, Q8_0);
+}
+
+torch::Tensor f32_matmul(const torch::Tensor& x, const torch::Tensor& w) {
+  return block_matmul(x, w, F32);
 }
 
 // Attention for float32 queries over their logical keys, in the cache where they lie.
@@ -418,6 +446,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "float32 attention of q [H, T, D] over each query's logical keys in a k/v cache");
   m.def("rms_norm", &rms_norm, "float32 RMSNorm of rows");
   m.def("rope_qkv_", &rope_qkv_, "rotary embedding in place on the q and k parts of fused qkv rows");
+  m.def("f32_matmul", &f32_matmul, "x [M, K] float32 @ W.T, W [N, K] float32, rows independent of M -> [M, N]");
   m.def("sign_matmul", &sign_matmul, "x [M, K] float32 @ S.T for packed sign bits [N, ceil(K/8)] -> [M, N]");
   m.def("has_avx512", &has_avx512, "whether the AVX-512 path was compiled");
 }
