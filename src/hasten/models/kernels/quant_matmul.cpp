@@ -93,7 +93,7 @@ inline void dot_tile(const float* x, int64_t ldx, const uint8_t* wrow, int64_t r
     for (int c = 0; c < C; ++c) y[r * ldy + c] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r][c], a1[r][c]));
 }
 
-// Weight rows [n0, n1) against `rows` (1..8) rows of x: four weight rows at a time where the
+// Weight rows [n0, n1) against `rows` (1..4) rows of x: four weight rows at a time where the
 // registers allow (fewer x rows), then one at a time.
 template <void (*Dequant)(const uint8_t*, __m512&, __m512&), int64_t BYTES>
 void tile(const float* x, int64_t ldx, int rows, const uint8_t* w, int64_t row_bytes,
@@ -109,11 +109,7 @@ void tile(const float* x, int64_t ldx, int rows, const uint8_t* w, int64_t row_b
     case 1: HASTEN_TILE(1, 4)
     case 2: HASTEN_TILE(2, 4)
     case 3: HASTEN_TILE(3, 2)
-    case 4: HASTEN_TILE(4, 2)
-    case 5: HASTEN_TILE(5, 1)
-    case 6: HASTEN_TILE(6, 1)
-    case 7: HASTEN_TILE(7, 1)
-    default: HASTEN_TILE(8, 1)
+    default: HASTEN_TILE(4, 2)
   }
 #undef HASTEN_TILE
 }
@@ -174,8 +170,10 @@ torch::Tensor block_matmul(const torch::Tensor& x, const torch::Tensor& blocks, 
     constexpr int64_t CHUNK = 64;
     for (int64_t c0 = n0; c0 < n1; c0 += CHUNK) {
       const int64_t c1 = std::min(n1, c0 + CHUNK);
-      for (int64_t r0 = 0; r0 < M; r0 += 8) {
-        const int rows = static_cast<int>(std::min<int64_t>(8, M - r0));
+      // Tiles of up to 4 rows x 2-4 weight rows: measured faster than 8 x 1 at every M
+      // (a weight row's loads then feed 8 multiply-adds, not 16 loads of x 16).
+      for (int64_t r0 = 0; r0 < M; r0 += 4) {
+        const int rows = static_cast<int>(std::min<int64_t>(4, M - r0));
 #if defined(__AVX512F__)
         if (kind == Q4_1)
           tile<dequant_q4_1, Q4_1_BYTES>(xp + r0 * K, K, rows, wp, row_bytes, c0, c1, nb, yp + r0 * N, N);
