@@ -108,3 +108,42 @@ def test_a_tenant_row_does_not_depend_on_how_many_rows_of_its_tenant_share_the_s
     for _ in range(11):
         decoder.step()
     assert [s.tokens for s in seqs] == want
+
+
+def test_tenants_speculate_inside_the_batch_with_their_own_answers(served):
+    """Per-tenant speculation: each tenant's rows verify a lookup tree in the same forward as
+    the other tenants' rows (routed token by token), and every answer is that tenant's plain
+    answer alone."""
+    from hasten.decoding.batched import BatchedDecoder
+    from hasten.decoding.generate import generate_plain
+    from hasten.drafters.lookup import LookupDrafter
+
+    model, paths = served
+    text = ["ab ab ab ab ab ab", "cd cd cd cd cd", "ef ef ef ef ef ef"]
+    prompts = [model.encode(t, chat=False) for t in text]
+    tenants = [0, 1, -1]  # code, math, the base
+    solo = [with_delta(model, paths["code"]).backbone, with_delta(model, paths["math"]).backbone,
+            model.backbone]
+    want = [list(generate_plain(b, p, 24)) for b, p in zip(solo, prompts)]
+    decoder = BatchedDecoder(tenant_backbone(model, paths), 3, 96)
+    decoder.route_tenants = True
+    seqs, drafters = [], []
+    for p, k in zip(prompts, tenants):
+        seq = decoder.add(p, tenant=k)
+        d = LookupDrafter()
+        d.reset(p, decoder.capacity)
+        d.observe([seq.root], seq.hidden)
+        seqs.append(seq)
+        drafters.append(d)
+    verified = 0
+    while min(len(s.tokens) for s in seqs) < 24:
+        trees = {}
+        for seq, d in zip(seqs, drafters):
+            tree = d.propose(prompts[seqs.index(seq)] + seq.tokens, 4)
+            if tree.size:
+                trees[seq] = tree
+        verified = max(verified, len(trees))
+        for seq, new in decoder.speculate(trees):
+            drafters[seqs.index(seq)].observe(new, seq.hidden)
+    assert verified >= 2  # trees of different tenants verified in one forward
+    assert [s.tokens[:24] for s in seqs] == want
