@@ -301,3 +301,36 @@ def test_draft_model_drafters_forked_per_sequence_keep_their_own_caches():
         list(generate_speculative(model, template.fork(), p, 40, tree_size=3, stats=stats))
         alone.append(stats.steps)
     assert serve.steps == alone  # each drafted from its own context: the same trees
+
+
+def test_compiled_kernels_attend_the_whole_step_in_one_call_with_solo_answers(tmp_path, monkeypatch):
+    """Compact weights (and dense float32 on AVX-512) attend through the compiled kernel: every
+    token of a step, roots and tree nodes of every sequence, in one call, each over its own
+    cache row in its solo plan's key order; answers equal solo plain decoding."""
+    import pytest
+
+    from hasten.models import quant_kernels as qk
+    from hasten.models.loader import load_backbone
+    from test_compact import tiny_gguf
+
+    if qk.kernel_module() is None:
+        pytest.skip(f"the kernels cannot be built here: {qk.kernel_failure()}")
+    monkeypatch.setenv("HASTEN_CACHE", str(tmp_path / "cache"))
+    _, path = tiny_gguf(tmp_path)
+    model = load_backbone(str(path), weights="compact").backbone
+    model.exact = True  # as hasten.load sets it where the check finds it exact
+    assert model.fused_attention
+    calls = []
+    batched = qk.batched_logical_attention
+
+    def counted(q, *args):
+        calls.append(q.shape[0])
+        return batched(q, *args)
+    monkeypatch.setattr("hasten.decoding.batched.batched_logical_attention", counted)
+    ps = [p[:40] for p in prompts(4)]
+    solo = [list(generate_plain(model, p, 40)) for p in ps]
+    drafters = [Oracle(ps[0], solo[0]), LookupDrafter(), Wrong(ps[2], solo[2]), None]
+    got, per_step = serve(model, ps, drafters, 4, range(4), [40, 30, 40, 25])
+    assert got == [s[:n] for s, n in zip(solo, [40, 30, 40, 25])]
+    assert per_step[0] > 2  # the oracle's trees were verified in the batch
+    assert max(calls) > 4  # roots and tree nodes of several sequences in one call

@@ -22,6 +22,10 @@ Exactness (see DESIGN.md): a sequence's tokens must not depend on who else is in
   two identical rows, as the solo plain step is (a one-row matmul rounds differently). So a
   row gets bit for bit the numbers of a solo plain step, as long as a matmul row does not
   depend on the row count between 2 and `rows` (`row_count_invariant` checks the weights).
+- exact mode on the compiled kernels (float32 on AVX-512, compact weights: `fused_attention`):
+  every token of the step, roots and tree nodes, attends in ONE call of the compiled attention
+  (`quant_kernels.batched_logical_attention`) over its own cache row, with the key order of
+  its solo plan; the kernels' rows never depend on the row count, so no padding row either.
 - otherwise (float32 with SDPA): a lone row runs exactly the solo plain step (fast, and equal
   to `hasten generate`); two or more rows share one masked SDPA call, whose rounding depends
   on the batch, like speculative decoding in this mode ("not exact", rare token differences).
@@ -52,6 +56,7 @@ from ..errors import ContextFullError
 from ..models.exact_attention import BLOCK, _block_partials  # the same block arithmetic
 from ..models.exact_attention import exact_attention, plan_keys
 from ..models.llama import LlamaModel, rope_inv_freq
+from ..models.quant_kernels import batched_logical_attention
 from .accept import accept_greedy
 from .budget import CostCurve
 from .engine import accept_step
@@ -228,10 +233,15 @@ class BatchedDecoder:
         roots = slice(0, n) if plain else torch.tensor(step.starts, device=m.device)
         cos, sin = self.cos[step.positions][:, None, None], self.sin[step.positions][:, None, None]
         x = m.embed(step.tokens[:, None])  # [T, 1, d]: every token its own batch row
+        fused = self._fused_keys(step) if m.exact and m.fused_attention else None
         for i, block in enumerate(m.blocks):
             q, k, v = block.qkv(x, cos, sin)
             self.k[i, step.rows, :, step.slots] = k[:, :, 0]
             self.v[i, step.rows, :, step.slots] = v[:, :, 0]
+            if fused is not None:  # every token of the step in one compiled call
+                attn = batched_logical_attention(q, self.k[i], self.v[i], *fused, block.hd ** -0.5)
+                x = block.mix(x, attn)
+                continue
             # Every root over its committed keys and itself, all rows in one call (tree rows'
             # roots included: recomputed with their trees below, the same numbers in exact mode).
             attn = self._attention(i, q[roots], lengths, m.exact, block)
@@ -243,6 +253,23 @@ class BatchedDecoder:
         logits = m.lm_head(hidden)
         t = len(x) - step.pad
         return logits[:t, 0], hidden[:t, 0]
+
+    def _fused_keys(self, step: _Step) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slots [T, W], counts [T], rows [T]) of every token of the step for the compiled
+        float32 attention: a plain root reads its row's slots 0..length in order, as the solo
+        plain step's plan does; a tree's tokens take the solo verify's plan (`step.plans`)."""
+        dev = self.model.device
+        parts, counts = [], []
+        for seq, tree, plan in zip(self.sequences, step.trees, step.plans):
+            if tree is None:
+                parts.append(torch.arange(seq.length + 1, device=dev)[None])
+                counts.append(torch.tensor([seq.length + 1], device=dev))
+            else:
+                parts.append(plan.tail_slots)
+                counts.append(plan.counts)
+        width = max(p.shape[1] for p in parts)
+        slots = torch.cat([F.pad(p, (0, width - p.shape[1])) for p in parts])
+        return slots.contiguous(), torch.cat(counts), step.rows[:len(slots)].contiguous()
 
     def _tree_attention(self, layer: int, q, root_attn, step: _Step, block) -> torch.Tensor:
         """[T, H, 1, D]: roots of plain rows from `root_attn`; each tree row (root and nodes)
@@ -269,8 +296,6 @@ class BatchedDecoder:
 
     def _attention(self, layer: int, q, lengths, exact: bool, block) -> torch.Tensor:
         """Each row's query over its committed keys and itself (lengths[r] + 1 keys)."""
-        if exact and getattr(self.model, "fused_attention", False):
-            return self._attention_row_by_row(layer, q, lengths, block)
         if exact:
             return batched_exact_attention(q, self.k[layer], self.v[layer], lengths + 1,
                                            block.hd ** -0.5)
@@ -281,18 +306,6 @@ class BatchedDecoder:
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         mask = torch.arange(keys, device=q.device)[None] <= lengths[:, None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None], enable_gqa=gqa)
-
-    def _attention_row_by_row(self, layer: int, q, lengths, block) -> torch.Tensor:
-        """Rows one at a time through the model's own exact attention, with the plan of a solo
-        plain step: for attention kernels (the compiled one of compact weights) whose arithmetic
-        `batched_exact_attention` does not reproduce. Slower (a call per row and layer)."""
-        m = self.model
-        out = []
-        for r, length in enumerate(lengths.tolist()):
-            plan = plan_keys(None, length, 1, q.device, m.share_past_blocks, m.fused_attention)
-            out.append(exact_attention(q[r:r + 1], self.k[layer, r:r + 1], self.v[layer, r:r + 1],
-                                       plan, block.hd ** -0.5))
-        return torch.cat(out)
 
     def _accept(self, step: _Step, logits: torch.Tensor, hidden: torch.Tensor
                 ) -> list[tuple[Sequence, list[int]]]:

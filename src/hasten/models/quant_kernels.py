@@ -143,8 +143,22 @@ def logical_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     computed by the compiled kernel over the keys where they lie in the cache: q [1, H, T, D]
     -> [1, H, T, D]. Every query reduces over its logical keys in order, whatever the batch."""
     out = kernel_module().logical_attention(q[0].contiguous(), k_cache[0], v_cache[0],
-                                            plan.tail_slots, plan.counts, scale)
+                                            plan.tail_slots, plan.counts, scale, _NO_ROWS)
     return out[None]
+
+
+_NO_ROWS = torch.empty(0, dtype=torch.long)
+
+
+def batched_logical_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              slots: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor,
+                              scale: float) -> torch.Tensor:
+    """`logical_attention` for queries of many cache rows in one call: q [T, H, 1, D] (one
+    token per batch row), k/v [R, KV, capacity, D], query t reads cache row rows[t] at slots[t,
+    :counts[t]] -> [T, H, 1, D]. Each query's arithmetic is that of the one-row call."""
+    out = kernel_module().logical_attention(q[:, :, 0].transpose(0, 1).contiguous(), k_cache,
+                                            v_cache, slots, counts, scale, rows)
+    return out.transpose(0, 1)[:, :, None]
 
 
 def can_fuse_attention(head_dim: int, dtype: torch.dtype) -> bool:

@@ -212,16 +212,26 @@ torch::Tensor f32_matmul(const torch::Tensor& x, const torch::Tensor& w) {
 // over chunks of 16 counted from key 0, the tail padded with -inf), the sum of weights and
 // the weighted sum of values, key after key. So a query's output depends on its own keys
 // only: not on how many queries share the call, where its keys sit, or what else is cached.
+//
+// Batched: k and v [R, KV, capacity, D] (a batch of cache rows) with `rows` [T], the cache row of
+// each query; `rows` empty: k and v are one row, [KV, capacity, D]. The arithmetic per query is
+// the same either way.
 torch::Tensor logical_attention(const torch::Tensor& q, const torch::Tensor& k,
                                 const torch::Tensor& v, const torch::Tensor& slots,
-                                const torch::Tensor& counts, double scale) {
+                                const torch::Tensor& counts, double scale, const torch::Tensor& rows) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.is_contiguous() && q.dim() == 3, "q: float32 [H, T, D]");
-  TORCH_CHECK(k.scalar_type() == torch::kFloat32 && k.is_contiguous() && v.is_contiguous(), "k, v: float32 [KV, cap, D]");
+  TORCH_CHECK(k.scalar_type() == torch::kFloat32 && k.is_contiguous() && v.is_contiguous() &&
+              (k.dim() == 3 || k.dim() == 4), "k, v: float32 [KV, cap, D] or [R, KV, cap, D]");
   TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.is_contiguous() && counts.scalar_type() == torch::kLong,
               "slots, counts: int64");
-  const int64_t H = q.size(0), T = q.size(1), D = q.size(2), KV = k.size(0), cap = k.size(1);
+  const int64_t H = q.size(0), T = q.size(1), D = q.size(2), KV = k.size(-3), cap = k.size(-2);
   const int64_t W = slots.size(1), group = H / KV;
-  TORCH_CHECK(D % 16 == 0 && D <= 256 && H % KV == 0 && k.size(2) == D, "head_dim must be a multiple of 16, <= 256");
+  TORCH_CHECK(D % 16 == 0 && D <= 256 && H % KV == 0 && k.size(-1) == D, "head_dim must be a multiple of 16, <= 256");
+  const bool batched = rows.numel() > 0;
+  TORCH_CHECK(batched == (k.dim() == 4) && (!batched || (rows.scalar_type() == torch::kLong &&
+              rows.numel() == T && rows.is_contiguous())), "rows: int64 [T], one per query, with 4-D k and v");
+  const int64_t* rp = batched ? rows.data_ptr<int64_t>() : nullptr;
+  const int64_t R = batched ? k.size(0) : 1;
   auto out = torch::empty_like(q);
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
@@ -233,7 +243,9 @@ torch::Tensor logical_attention(const torch::Tensor& q, const torch::Tensor& k,
   at::parallel_for(0, H * T, 4, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(chunks * 16);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t h = i / T, t = i % T, kv = h / group;
+      const int64_t h = i / T, t = i % T;
+      const int64_t row = batched ? std::min(std::max<int64_t>(rp[t], 0), R - 1) : 0;
+      const int64_t kv = row * KV + h / group;  // the (row, kv head) plane of the cache
       const int64_t n = std::min(cp[t], W);
       float qi[256];
       for (int64_t d = 0; d < D; ++d) qi[d] = qp[(h * T + t) * D + d] * static_cast<float>(scale);
