@@ -142,3 +142,12 @@ def test_cli_trains_a_head_that_generate_uses(tiny_folder, tmp_path, capsys):
     assert capsys.readouterr().out == plain
     assert main(args + ["--draft", "eagle", "--eagle-head", str(tmp_path / "nope")]) == 2
     assert "no EAGLE head" in capsys.readouterr().err
+    # --init continues from that head: its weights are the starting point (lr 0: unchanged)
+    again = tmp_path / "again"
+    assert main(["train", "eagle", "--model", str(tiny_folder), "--data", str(data), "--out",
+                 str(again), "--epochs", "0", "--lr", "0", "--holdout", "2", "--init", str(out)]) == 0
+    from hasten.eagle.head import load_head
+    before, after = load_head(out).head.state_dict(), load_head(again).head.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert main(["train", "eagle", "--model", str(tiny_folder), "--data", str(data), "--out",
+                 str(tmp_path / "x"), "--init", str(tmp_path / "nope")]) == 2

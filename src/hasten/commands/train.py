@@ -124,6 +124,9 @@ def _register_eagle(tsub) -> None:
     e.add_argument("--draft-vocab", type=int, default=8192,
                    help="draft only the N most frequent answer tokens (0 = full vocabulary)")
     e.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: --out/cache)")
+    e.add_argument("--init", default=None, metavar="HEAD",
+                   help="start from this head (a folder, or 'default' for the packaged head of "
+                        "the model) instead of random weights; its draft vocabulary is kept")
     e.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--save-dtype", default="float16", choices=("float16", "bfloat16", "float32"))
@@ -211,9 +214,13 @@ def _run_eagle(args) -> None:
                            token_weight=args.token_weight, save_every=args.save_every,
                            seed=args.seed)
     device = parse_device(args.train_device) if args.train_device else None
+    init = None
+    if args.init:  # the base model is checked: a head of another model is refused
+        from ..eagle.drafter import find_head
+        init = find_head(model, None if args.init == "default" else args.init).head
     record = run_eagle(model.backbone, records, args.out, name=model.name, model_key=_model_key(model),
                        cfg=cfg, holdout=args.holdout, draft_vocab=args.draft_vocab,
                        cache_dir=args.cache_dir, device=device,
-                       save_dtype=getattr(torch, args.save_dtype))
+                       save_dtype=getattr(torch, args.save_dtype), init=init)
     log(f"EAGLE head written to {args.out}: {record['tokens']} tokens, {record['steps']} steps, "
         f"{record['seconds']} s; held-out top-1 agreement per depth {record.get('heldout')}")

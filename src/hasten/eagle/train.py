@@ -212,9 +212,11 @@ def run_eagle(backbone, records: list[dict], out_dir: str | Path, *, name: str |
               model_key: str, cfg: EagleTrainConfig = EagleTrainConfig(), holdout: int = 50,
               draft_vocab: int = 8192, cache_dir: str | Path | None = None,
               cache_tokens: int = 8192, device=None, save_dtype=torch.float16,
-              calibration_prompts: int = 8, progress: bool = True) -> dict:
+              calibration_prompts: int = 8, progress: bool = True,
+              init: EagleHead | None = None) -> dict:
     """Features -> split -> draft vocabulary -> train -> E(n) measured by decoding held-out
-    prompts -> `out_dir` holds a loadable head."""
+    prompts -> `out_dir` holds a loadable head. `init`: a head to continue from (its weights
+    and draft vocabulary) instead of a fresh one."""
     from ..medusa.heads import base_identity, lm_head_weight
     from .data import build_features, frequent_tokens
     from .drafter import embedding_weight
@@ -225,9 +227,14 @@ def run_eagle(backbone, records: list[dict], out_dir: str | Path, *, name: str |
                            cache_tokens, progress)
     train_ids, held_ids = split_cache_indices(cache, holdout)
     train, held = SubsetCache(cache, train_ids), SubsetCache(cache, held_ids)
-    vocab = frequent_tokens(train, draft_vocab) if draft_vocab else torch.empty(0, dtype=torch.long)
-    head = EagleHead(EagleConfig.like(backbone.config, int(vocab.numel()) or None))
-    head.draft_vocab = vocab
+    if init is not None:
+        head = EagleHead(init.config)
+        head.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
+        head.draft_vocab = init.draft_vocab.clone()
+    else:
+        vocab = frequent_tokens(train, draft_vocab) if draft_vocab else torch.empty(0, dtype=torch.long)
+        head = EagleHead(EagleConfig.like(backbone.config, int(vocab.numel()) or None))
+        head.draft_vocab = vocab
     torch.manual_seed(cfg.seed)
     record = train_head(head, train, held, embedding_weight(backbone), lm_head_weight(backbone),
                         out_dir, cfg, device or backbone.device, progress)
