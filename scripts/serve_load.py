@@ -12,6 +12,8 @@ requests, each with a timeout; the servers it starts are stopped with SIGTERM at
 4. soak (--soak SECONDS): --clients clients mixing answers, streams, streams closed after a
    few chunks and hostile requests (issue 15's D1-D7) for SECONDS; errors on valid requests
    and the server's resident memory over time.
+5. tenants (--tenant NAME=DELTA ... --finetune FOLDER ...): BitDelta tenants of one server, two
+   clients each, against the merged models served one after another (issue 16).
 """
 
 from __future__ import annotations
@@ -84,12 +86,15 @@ def model_args(args) -> list[str]:
     return ["--model", args.model] if args.model else []
 
 
-def ask(url: str, content: str, tokens: int) -> dict:
-    """One greedy chat request: status, text, completion tokens, stats, seconds."""
+def ask(url: str, content: str, tokens: int, model: str | None = None) -> dict:
+    """One greedy chat request (to `model`, a BitDelta tenant, if given): status, text,
+    completion tokens, stats, seconds."""
     start = time.perf_counter()
-    r = httpx.post(f"{url}/v1/chat/completions", timeout=TIMEOUT_S, json={
-        "messages": [{"role": "user", "content": content}], "max_tokens": tokens,
-        "temperature": 0})
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": tokens,
+            "temperature": 0}
+    if model:
+        body["model"] = model
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=TIMEOUT_S, json=body)
     out = {"status": r.status_code, "seconds": time.perf_counter() - start}
     if r.status_code == 200:
         body = r.json()
@@ -227,6 +232,41 @@ def soak(args, seconds: float) -> dict:
             "health_after": health}
 
 
+def tenants(args) -> dict:
+    """Issue 16: --tenant NAME=DELTA (repeatable) served by one `hasten serve --delta ...`, two
+    clients per tenant at once, against each --finetune FOLDER (the same order: the merged
+    models) served by its own server one after another, its two clients at once. Aggregate
+    tok/s over the requests' wall time (server start-up excluded)."""
+    names = [t.split("=", 1)[0] for t in args.tenant]
+    prompts = [f"Write a short story about {t}." for t in TOPICS[:2 * len(names)]]
+    server = ServerProcess(args, *[x for t in args.tenant for x in ("--delta", t)])
+    try:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            shared = list(pool.map(lambda i: ask(server.url, prompts[i], args.tokens, names[i // 2]),
+                                   range(len(prompts))))
+        shared_s = time.perf_counter() - start
+    finally:
+        server.stop()
+    merged, merged_s = [], 0.0
+    for i, folder in enumerate(args.finetune):
+        one = ServerProcess(argparse.Namespace(**{**vars(args), "model": folder}))
+        try:
+            start = time.perf_counter()
+            with ThreadPoolExecutor(2) as pool:
+                merged += list(pool.map(lambda p: ask(one.url, p, args.tokens), prompts[2 * i:2 * i + 2]))
+            merged_s += time.perf_counter() - start
+        finally:
+            one.stop()
+    rate = lambda rs, s: round(sum(r["tokens"] for r in rs) / s, 2)  # noqa: E731
+    return {"tenants": len(names), "clients": len(prompts),
+            "one_server_tok_s": rate(shared, shared_s),
+            "merged_one_after_another_tok_s": rate(merged, merged_s) if merged else None,
+            "ratio": round(rate(shared, shared_s) / rate(merged, merged_s), 2) if merged else None,
+            "all_ok": all(r["status"] == 200 for r in shared + merged),
+            "max_batch_seen": max(r["stats"]["max_batch_size"] for r in shared)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model spec (default: the embedded model)")
@@ -238,7 +278,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip", nargs="*", default=[], choices=("lone", "batch", "queue"))
     ap.add_argument("--soak", type=float, default=0, help="seconds of mixed load (0: none)")
+    ap.add_argument("--tenant", action="append", default=[], metavar="NAME=DELTA",
+                    help="BitDelta tenants: only the tenants measurement runs (see tenants())")
+    ap.add_argument("--finetune", action="append", default=[], metavar="FOLDER",
+                    help="with --tenant: the merged models, in the same order")
     args = ap.parse_args()
+    if args.tenant:
+        print(json.dumps({"dtype": args.dtype, "tokens": args.tokens, **tenants(args)}, indent=1))
+        return
     report: dict = {"dtype": args.dtype, "tokens": args.tokens, "max_batch": args.max_batch}
     prompts = [f"Write a short story about {t}." for t in TOPICS]
     solo: dict[str, str] = {}
