@@ -54,6 +54,8 @@ class ServerProcess:
                args.dtype, "--max-batch", str(args.max_batch), *model_args(args), *extra]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
+        if getattr(args, "draft", None):
+            cmd += ["--draft", args.draft]
         self.log = tempfile.NamedTemporaryFile("w+", prefix="hasten-serve-", suffix=".log")
         self.proc = subprocess.Popen(cmd, stderr=self.log)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -288,6 +290,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip", nargs="*", default=[], choices=("lone", "batch", "queue"))
     ap.add_argument("--soak", type=float, default=0, help="seconds of mixed load (0: none)")
+    ap.add_argument("--draft", default=None, help="the servers' default drafter (e.g. lookup): "
+                    "requests then speculate inside the batch")
     ap.add_argument("--tenant", action="append", default=[], metavar="NAME=DELTA",
                     help="BitDelta tenants: only the tenants measurement runs (see tenants())")
     ap.add_argument("--finetune", action="append", default=[], metavar="FOLDER",
