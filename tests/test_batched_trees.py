@@ -192,6 +192,12 @@ def test_the_tree_size_rule_sees_the_batch():
     shared.rows = 4  # 4 nodes now cost what 4 more rows cost after 3 roots, for all 4 rows
     assert shared.cost(0) == curve.cost(3)
     assert shared.cost(4) == curve.cost(3) + 4 * (curve.cost(7) - curve.cost(3))
+    measured = BatchedDecoder(tiny_model(torch.bfloat16, True), 2, CONTEXT)
+    measured.tree_attention_seconds = 0.25  # a tree's own attention calls, as measured
+    charged = BatchCurve(curve, measured)
+    charged.rows = 4
+    assert charged.cost(0) == shared.cost(0)  # no tree, no attention call of its own
+    assert charged.cost(4) == shared.cost(4) + 4 * 0.25  # the whole batch waits for it
     assert share_tokens([8, 8, 0], 3, 65) == [8, 8, 0]
     assert share_tokens([40, 20, 0], 3, 33) == [20, 10, 0]  # 3 roots + 30 nodes
 

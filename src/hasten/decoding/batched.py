@@ -46,6 +46,7 @@ A sequence decoded speculatively alone (on the model's own cache) can join with 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -103,6 +104,9 @@ class BatchedDecoder:
         self.cos = angles.cos().to(model.device, model.dtype)
         self.sin = angles.sin().to(model.device, model.dtype)
         self.sequences: list[Sequence] = []
+        # Seconds a drafting sequence's own tree attention adds to a step (measured, averaged):
+        # `BatchCurve` charges it. The compiled kernels attend the whole step in one call: 0.
+        self.tree_attention_seconds = 0.0
         self.max_step_tokens = max(rows, MAX_STEP_TOKENS)  # what `speculate` may carry at most
         self.route_tenants = False  # set by the caller when the model has BitDelta tenants
 
@@ -234,6 +238,7 @@ class BatchedDecoder:
         cos, sin = self.cos[step.positions][:, None, None], self.sin[step.positions][:, None, None]
         x = m.embed(step.tokens[:, None])  # [T, 1, d]: every token its own batch row
         fused = self._fused_keys(step) if m.exact and m.fused_attention else None
+        tree_seconds = 0.0
         for i, block in enumerate(m.blocks):
             q, k, v = block.qkv(x, cos, sin)
             self.k[i, step.rows, :, step.slots] = k[:, :, 0]
@@ -246,8 +251,14 @@ class BatchedDecoder:
             # roots included: recomputed with their trees below, the same numbers in exact mode).
             attn = self._attention(i, q[roots], lengths, m.exact, block)
             if not plain:
+                start = time.perf_counter()
                 attn = self._tree_attention(i, q, attn, step, block)
+                tree_seconds += time.perf_counter() - start
             x = block.mix(x, torch.cat([attn, attn[:step.pad]]) if step.pad else attn)
+        trees = sum(tree is not None for tree in step.trees)
+        if trees and fused is None:  # what a tree's own attention calls cost, per step (EMA)
+            per_tree = tree_seconds / trees
+            self.tree_attention_seconds += 0.2 * (per_tree - self.tree_attention_seconds)
         hidden = m.norm(x)
         # The LM head over every row, the pad copy too: its row count is part of the plain step.
         logits = m.lm_head(hidden)
@@ -412,16 +423,23 @@ class BatchCurve:
     for a linear curve and sequences that draft alike, maximising gain(n) / cost(n) per
     sequence picks exactly the size that maximises the batch's tokens per second. So trees stay
     large where the curve is flat (a GPU, bfloat16 on AMX) and shrink as the batch grows where
-    it is steep. The other sequences' trees are not counted (they are not known yet when a
-    size is picked); `share_tokens` caps the step as a whole."""
+    it is steep. A tree also gets attention calls of its own (the curve's one-sequence verify
+    has none beside the roots'): with `decoder`, their measured seconds are charged B times
+    too. The other sequences' trees are not counted (they are not known yet when a size is
+    picked); `share_tokens` caps the step as a whole."""
 
-    def __init__(self, curve: CostCurve):
-        self.curve, self.rows = curve, 1
+    def __init__(self, curve: CostCurve, decoder: "BatchedDecoder | None" = None):
+        self.curve, self.rows, self.decoder = curve, 1, decoder
 
     def cost(self, n: int) -> float:
         others = self.rows - 1
         base = self.curve.cost(others)
-        return base + self.rows * (self.curve.cost(others + n) - base)
+        extra = 0.0
+        if n and self.decoder is not None:
+            # A tree in the batch also gets its own attention call per layer, which the
+            # one-sequence curve does not contain: charged as measured, for the whole batch.
+            extra = self.rows * self.decoder.tree_attention_seconds
+        return base + self.rows * (self.curve.cost(others + n) - base) + extra
 
 
 def share_tokens(sizes: list[int], rows: int, max_tokens: int) -> list[int]:

@@ -369,7 +369,7 @@ class Engine:
         tree_size = job.tree_size if job.tree_size is not None else self.tree_size
         drafting = Drafting(job.drafter, context, MAX_TREE_SIZE if tree_size is None else tree_size)
         if tree_size is None:  # the solo engine's rule, over the cost curve the batch sees
-            drafting.curve = BatchCurve(self.model.cost_curve())
+            drafting.curve = BatchCurve(self.model.cost_curve(), self.decoder)
             drafting.sizer = tree_sizer(job.drafter, drafting.curve)
         run.drafting, run.drafted = drafting, True
 
