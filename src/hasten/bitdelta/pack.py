@@ -66,6 +66,17 @@ KERNEL_MAX_ROWS = 128
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # it sums in float32
 
 
+def _kernel_runs(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and kernel_module() is not None
+
+
+def invariant_rows(x: torch.Tensor) -> int:
+    """The most rows of x one `sign_matmul` call takes on a path whose every row is computed
+    the same whatever the row count (the compiled kernel, else the gather): callers that must
+    not let a row depend on its company split larger batches into calls of this size."""
+    return KERNEL_MAX_ROWS if _kernel_runs(x) else GATHER_MAX_ROWS
+
+
 def sign_matmul(x: torch.Tensor, packed: torch.Tensor, in_features: int,
                 block: int = 1024) -> torch.Tensor:
     """x @ S.T for S = unpack_signs(packed, in_features), from the packed bits.
@@ -75,11 +86,9 @@ def sign_matmul(x: torch.Tensor, packed: torch.Tensor, in_features: int,
     out, groups = packed.shape
     lead = x.shape[:-1]
     xs = x.reshape(-1, x.shape[-1])
-    if x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and xs.shape[0] <= KERNEL_MAX_ROWS:
-        module = kernel_module()
-        if module is not None:
-            y = module.sign_matmul(xs.float().contiguous(), packed.contiguous())
-            return y.to(x.dtype).view(*lead, out)
+    if xs.shape[0] <= KERNEL_MAX_ROWS and _kernel_runs(x):
+        y = kernel_module().sign_matmul(xs.float().contiguous(), packed.contiguous())
+        return y.to(x.dtype).view(*lead, out)
     if xs.shape[0] > GATHER_MAX_ROWS:
         y = torch.cat([xs @ unpack_signs(packed[s:s + block], in_features, x.dtype).t()
                        for s in range(0, out, block)], dim=-1)

@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from ..models.llama import Dense, LlamaModel, rope_inv_freq
-from ..models.quant_kernels import kernel_module
-from .pack import GATHER_MAX_ROWS, KERNEL_MAX_ROWS, sign_matmul
+from .pack import invariant_rows, sign_matmul
 
 # fused runtime layer -> the Hugging Face weights (relative to model.layers.{i}.) it holds
 FUSED = {
@@ -101,11 +100,10 @@ class DeltaDense(nn.Module):
         if len(route) != x.shape[0]:
             raise ValueError(f"route names {len(route)} tenants for a batch of {x.shape[0]}")
         y = y.clone()
-        # Decode steps (one token per row): a tenant's rows go in chunks one kernel call takes
-        # (the compiled one, or the torch gather where it cannot be built), so a row's delta
-        # never depends on how many rows of its tenant share the step.
-        small = KERNEL_MAX_ROWS if kernel_module() is not None else GATHER_MAX_ROWS
-        chunk = small if x.dim() == 3 and x.shape[1] == 1 else x.shape[0]
+        # Decode steps (one token per row): a tenant's rows go in chunks of a row-invariant
+        # path of `sign_matmul`, so a row's delta never depends on how many rows of its tenant
+        # share the step.
+        chunk = invariant_rows(x) if x.dim() == 3 and x.shape[1] == 1 else x.shape[0]
         for tenant in sorted(set(route) - {-1}):
             rows = [r for r, k in enumerate(route) if k == tenant]
             packed, scale = self.tenants[tenant]
