@@ -146,9 +146,9 @@ def test_row_count_invariance_is_checked_on_the_weights():
     assert result is None or len(result) > 1
 
 
-def test_compact_weights_rows_equal_solo_decoding(tmp_path, monkeypatch):
-    """Compact weights attend through a compiled kernel (other bits than the blocked torch
-    attention): rows go through it one by one and get the solo step's logits bit for bit."""
+def compact_exact_model(tmp_path, monkeypatch):
+    """A tiny compact-weights model in exact mode on the compiled kernels (skips where they
+    cannot be built)."""
     from hasten.models import quant_kernels as qk
     from hasten.models.loader import load_backbone
     from test_compact import tiny_gguf
@@ -160,6 +160,14 @@ def test_compact_weights_rows_equal_solo_decoding(tmp_path, monkeypatch):
     model = load_backbone(str(path), weights="compact").backbone
     model.exact = True  # as hasten.load sets it where the check finds it exact
     assert model.fused_attention
+    return model
+
+
+def test_compact_weights_rows_equal_solo_decoding(tmp_path, monkeypatch):
+    """Compact weights attend through a compiled kernel (other bits than the blocked torch
+    attention): every row of a step in one call, each getting the solo step's logits bit for
+    bit."""
+    model = compact_exact_model(tmp_path, monkeypatch)
     ps = [p[:40] for p in prompts(3)]
     decoder = BatchedDecoder(model, 3, CONTEXT)
     seqs = [decoder.add(p) for p in ps]

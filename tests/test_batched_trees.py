@@ -313,19 +313,10 @@ def test_compiled_kernels_attend_the_whole_step_in_one_call_with_solo_answers(tm
     """Compact weights (and dense float32 on AVX-512) attend through the compiled kernel: every
     token of a step, roots and tree nodes of every sequence, in one call, each over its own
     cache row in its solo plan's key order; answers equal solo plain decoding."""
-    import pytest
-
     from hasten.models import quant_kernels as qk
-    from hasten.models.loader import load_backbone
-    from test_compact import tiny_gguf
+    from test_batched import compact_exact_model
 
-    if qk.kernel_module() is None:
-        pytest.skip(f"the kernels cannot be built here: {qk.kernel_failure()}")
-    monkeypatch.setenv("HASTEN_CACHE", str(tmp_path / "cache"))
-    _, path = tiny_gguf(tmp_path)
-    model = load_backbone(str(path), weights="compact").backbone
-    model.exact = True  # as hasten.load sets it where the check finds it exact
-    assert model.fused_attention
+    model = compact_exact_model(tmp_path, monkeypatch)
     calls = []
     batched = qk.batched_logical_attention
 
