@@ -176,6 +176,30 @@ def test_dense_float32_kernel_rows_do_not_depend_on_the_row_count(kernel):
         assert torch.equal(qk.dense_matmul(x[:rows], w), y[:rows])
 
 
+@pytest.mark.parametrize("kind", ["Q4_1", "F32"])
+def test_kernels_split_work_across_threads_without_changing_a_bit(kernel, kind):
+    """Built with OpenMP (without it at::parallel_for runs serially: 2 threads as slow as 1),
+    and each output computed by one thread whole: 1 and 2 threads give the same bits, also
+    with a weight prefetched chunk ahead (N > 64 rows a thread, several row tiles)."""
+    assert kernel.threaded()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(9, 128, generator=g)
+    if kind == "F32":
+        w = torch.randn(1000, 128, generator=g)
+        run = lambda: qk.dense_matmul(x, w)  # noqa: E731
+    else:
+        w, _ = file_blocks(kind, 1000, 128, seed=5)
+        run = lambda: qk.block_matmul(x, w, kind)  # noqa: E731
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        assert torch.equal(run(), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_dense_float32_runs_on_the_kernels_exactly(tmp_path, cache, kernel):
     """Where the AVX-512 kernels build, `load(dtype="float32")` multiplies with them: the same
     function as MKL's float32 (to rounding), measured exact under speculation, so exact

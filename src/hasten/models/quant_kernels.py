@@ -33,6 +33,10 @@ BLOCK = 32  # weights per GGUF block (Q4_1, Q8_0)
 BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
 SOURCE = Path(__file__).with_name("kernels") / "quant_matmul.cpp"
 
+# -fopenmp: at::parallel_for is inline and runs serially without it (measured: 2 threads took
+# as long as 1); the extension then links the libgomp torch has already loaded.
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+
 _lock = threading.Lock()
 _module = None
 _failure: str | None = None
@@ -82,7 +86,7 @@ def _build():
         print("hasten: compiling the quantized matmul kernel for this machine (once)...",
               file=sys.stderr, flush=True)
     return load(name="quant_matmul", sources=[str(SOURCE)], build_directory=str(folder),
-                extra_cflags=["-O3", "-march=native"], verbose=False)
+                extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def _cpu_id() -> str:
@@ -107,9 +111,9 @@ def kernel_name() -> str:
 
 
 def source_key() -> str:
-    """Names one build: the kernel source, the torch version and this CPU."""
-    return hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() +
-                          _cpu_id().encode()).hexdigest()[:16]
+    """Names one build: the kernel source, its flags, the torch version and this CPU."""
+    return hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() +
+                          torch.__version__.encode() + _cpu_id().encode()).hexdigest()[:16]
 
 
 def torch_block_matmul(x2: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tensor:

@@ -71,13 +71,21 @@ inline void dequant_q8_0(const uint8_t* blk, __m512& w0, __m512& w1) {
 // R rows of x against C consecutive weight rows: y[r * ldy + c] = sum_k x[r, k] * w_c[k].
 // Each output has its own two accumulators, so its bits do not depend on R or C; several
 // outputs at once only hide the latency of each one's chain of multiply-adds.
+//
+// `ahead` (or null): the same C rows `ahead` bytes further on, fetched into L2 block by block
+// while this tile computes, so the next chunk's weights stream in from memory under the
+// arithmetic instead of after it (a single core's demand loads alone do not overlap them).
 template <int R, int C, void (*Dequant)(const uint8_t*, __m512&, __m512&), int64_t BYTES>
 inline void dot_tile(const float* x, int64_t ldx, const uint8_t* wrow, int64_t row_bytes,
-                     int64_t nb, float* y, int64_t ldy) {
+                     int64_t nb, float* y, int64_t ldy, int64_t ahead) {
   __m512 a0[R][C], a1[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) a0[r][c] = a1[r][c] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
+    if (ahead)
+      for (int c = 0; c < C; ++c)
+        for (int64_t line = 0; line < BYTES; line += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(wrow + ahead + c * row_bytes + b * BYTES + line), _MM_HINT_T1);
     __m512 w0[C], w1[C];
     for (int c = 0; c < C; ++c) Dequant(wrow + c * row_bytes + b * BYTES, w0[c], w1[c]);
     const float* xb = x + b * QK;
@@ -97,13 +105,13 @@ inline void dot_tile(const float* x, int64_t ldx, const uint8_t* wrow, int64_t r
 // registers allow (fewer x rows), then one at a time.
 template <void (*Dequant)(const uint8_t*, __m512&, __m512&), int64_t BYTES>
 void tile(const float* x, int64_t ldx, int rows, const uint8_t* w, int64_t row_bytes,
-          int64_t n0, int64_t n1, int64_t nb, float* y, int64_t ldy) {
+          int64_t n0, int64_t n1, int64_t nb, float* y, int64_t ldy, int64_t ahead) {
   int64_t n = n0;
 #define HASTEN_TILE(R, C)                                                                      \
   for (; n + C <= n1; n += C)                                                                  \
-    dot_tile<R, C, Dequant, BYTES>(x, ldx, w + n * row_bytes, row_bytes, nb, y + n, ldy);       \
+    dot_tile<R, C, Dequant, BYTES>(x, ldx, w + n * row_bytes, row_bytes, nb, y + n, ldy, ahead); \
   for (; n < n1; ++n)                                                                          \
-    dot_tile<R, 1, Dequant, BYTES>(x, ldx, w + n * row_bytes, row_bytes, nb, y + n, ldy);       \
+    dot_tile<R, 1, Dequant, BYTES>(x, ldx, w + n * row_bytes, row_bytes, nb, y + n, ldy, ahead); \
   break;
   switch (rows) {
     case 1: HASTEN_TILE(1, 4)
@@ -175,12 +183,16 @@ torch::Tensor block_matmul(const torch::Tensor& x, const torch::Tensor& blocks, 
       for (int64_t r0 = 0; r0 < M; r0 += 4) {
         const int rows = static_cast<int>(std::min<int64_t>(4, M - r0));
 #if defined(__AVX512F__)
+        // With 2+ rows the first row tile fetches the next chunk (this thread's, if it has
+        // one): measured 1.6x -> 1.35x one row for a verify of 9 on 2 threads. One row is
+        // streamed as fast by the hardware prefetcher alone.
+        const int64_t ahead = M >= 2 && r0 == 0 && c1 + CHUNK <= n1 ? CHUNK * row_bytes : 0;
         if (kind == Q4_1)
-          tile<dequant_q4_1, Q4_1_BYTES>(xp + r0 * K, K, rows, wp, row_bytes, c0, c1, nb, yp + r0 * N, N);
+          tile<dequant_q4_1, Q4_1_BYTES>(xp + r0 * K, K, rows, wp, row_bytes, c0, c1, nb, yp + r0 * N, N, ahead);
         else if (kind == Q8_0)
-          tile<dequant_q8_0, Q8_0_BYTES>(xp + r0 * K, K, rows, wp, row_bytes, c0, c1, nb, yp + r0 * N, N);
+          tile<dequant_q8_0, Q8_0_BYTES>(xp + r0 * K, K, rows, wp, row_bytes, c0, c1, nb, yp + r0 * N, N, ahead);
         else
-          tile<load_f32, F32_BYTES>(xp + r0 * K, K, rows, wp, row_bytes, c0, c1, nb, yp + r0 * N, N);
+          tile<load_f32, F32_BYTES>(xp + r0 * K, K, rows, wp, row_bytes, c0, c1, nb, yp + r0 * N, N, ahead);
 #else
         for (int64_t n = c0; n < c1; ++n)
           for (int r = 0; r < rows; ++r)
@@ -447,6 +459,16 @@ bool has_avx512() {
 #endif
 }
 
+// Whether at::parallel_for can split work here: it is inline and runs serially unless the
+// extension itself was compiled with OpenMP.
+bool threaded() {
+#if defined(_OPENMP)
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -459,4 +481,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("f32_matmul", &f32_matmul, "x [M, K] float32 @ W.T, W [N, K] float32, rows independent of M -> [M, N]");
   m.def("sign_matmul", &sign_matmul, "x [M, K] float32 @ S.T for packed sign bits [N, ceil(K/8)] -> [M, N]");
   m.def("has_avx512", &has_avx512, "whether the AVX-512 path was compiled");
+  m.def("threaded", &threaded, "whether the kernels split work across torch's threads");
 }
