@@ -222,3 +222,34 @@ def test_a_client_that_stalls_while_sending_its_body_gets_408(model):
         assert httpx.get(f"{s.url}/health").json()["status"] == "ok"
     finally:
         s.stop()
+
+
+def test_the_engine_decodes_on_the_compute_thread_it_is_given(model, solo):
+    """`hasten serve` loads the model on a ComputeThread and hands it to the app: the engine's
+    worker must run there (one thread for all torch work: OpenMP teams are per thread, and two
+    of them on 2 cores made every parallel region sleep; see server/compute.py)."""
+    from hasten.server.compute import ComputeThread
+    compute = ComputeThread("test-compute")
+    with pytest.raises(ZeroDivisionError):
+        compute.call(lambda: 1 / 0)  # a job's exception reaches the caller
+    loader = compute.call(threading.get_ident)
+    assert loader != threading.get_ident()
+    seen: list[int] = []
+    app = create_app(model, compute=compute)
+    engine = app.state.engine
+    step = engine.decoder.step
+
+    def recording_step(*args, **kwargs):
+        seen.append(threading.get_ident())
+        return step(*args, **kwargs)
+
+    engine.decoder.step = recording_step
+    s = Server(app)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda q: ask(s.client(), q)[0], QUESTIONS[:2]))
+    finally:
+        s.stop()
+    assert answers == solo[:2]
+    assert seen and set(seen) == {loader}
+    assert not any(t.name == "hasten-engine" for t in threading.enumerate())

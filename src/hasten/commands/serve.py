@@ -67,7 +67,7 @@ def run(args) -> None:
         import uvicorn  # noqa: F401
     except ImportError:
         raise HastenError("hasten serve needs fastapi and uvicorn: pip install fastapi uvicorn") from None
-    from ..server import create_app
+    from ..server.compute import ComputeThread
     from ..server.shutdown import run_server
     if not 0 <= args.port < 65536:
         raise HastenError(f"--port must be in 0..65535, got {args.port}")
@@ -82,6 +82,14 @@ def run(args) -> None:
                           "on one base: leave it out")
     tenants = parse_tenants(args.delta)
     spec = draft_spec(args)
+    compute = ComputeThread()  # all torch work on one thread (see server/compute.py)
+    app = compute.call(prepare, args, tenants, spec, compute)
+    run_server(app, args.host, args.port, args.log_level, args.shutdown_timeout)
+
+
+def prepare(args, tenants: dict, spec, compute):
+    """The model loaded and measured, and the app around it."""
+    from ..server import create_app
     model = load_model(args)
     taken = {model.name, "default"} & set(tenants)
     if taken:
@@ -101,13 +109,13 @@ def run(args) -> None:
                      max_request_bytes=args.max_request_bytes, body_timeout=args.body_timeout,
                      max_batch=args.max_batch,
                      context=context, request_timeout=args.request_timeout,
-                     tenants=list(tenants), backbone=backbone)
+                     tenants=list(tenants), backbone=backbone, compute=compute)
     warn_if_rows_depend_on_the_batch(app.state.engine, args.max_batch)
     served = ", ".join([model.name, *tenants])
     print(f"hasten serve: {served} (batch {args.max_batch} x context {context}) on "
           f"http://{args.host}:{args.port}/v1{' (API key required)' if api_key else ''}",
           file=sys.stderr, flush=True)
-    run_server(app, args.host, args.port, args.log_level, args.shutdown_timeout)
+    return app
 
 
 def warn_if_rows_depend_on_the_batch(engine, max_batch: int) -> None:

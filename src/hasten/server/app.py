@@ -154,7 +154,7 @@ def create_app(model, api_key: str | None = None, draft: DraftSpec = DraftSpec()
                body_timeout: float = BODY_TIMEOUT_S,
                max_batch: int = 8, context: int | None = None,
                request_timeout: float | None = None, tenants: list[str] = (),
-               backbone=None) -> FastAPI:
+               backbone=None, compute=None) -> FastAPI:
     """An OpenAI-compatible app serving `model` (a `hasten.api.Model`), its requests batched.
 
     `draft`: the drafter used when a request names none, and the options (datastore, heads,
@@ -166,10 +166,13 @@ def create_app(model, api_key: str | None = None, draft: DraftSpec = DraftSpec()
     requests generating together; `context`: cache entries per request (default: the
     model's context). `request_timeout`: seconds from arrival after which a generation ends
     (finish "length", `time_limit` in its stats). `tenants`: BitDelta tenant names, tenant k
-    being route k of `backbone` (`bitdelta.delta_backbone(model.backbone, deltas)`)."""
+    being route k of `backbone` (`bitdelta.delta_backbone(model.backbone, deltas)`).
+    `compute`: the `ComputeThread` the engine decodes on (None: a thread of its own); give
+    the one that loaded the model (see server/compute.py)."""
     metrics = Metrics()
     engine = Engine(model, draft, tree_size, typical, max_batch=max_batch, context=context,
-                    request_timeout=request_timeout, backbone=backbone, metrics=metrics)
+                    request_timeout=request_timeout, backbone=backbone, metrics=metrics,
+                    compute=compute)
     routes = {model.name: -1, DEFAULT_ALIAS: -1, **{name: k for k, name in enumerate(tenants)}}
     served_names = [model.name, *tenants]
     started = int(time.time())

@@ -36,6 +36,7 @@ import queue
 import sys
 import threading
 import time
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,7 @@ from ..decoding.sampling import SamplingParams
 from ..decoding.stats import GenerationStats
 from ..drafters import DraftSpec
 from ..errors import HastenError
+from .compute import ComputeThread
 from .metrics import Metrics
 
 
@@ -207,7 +209,7 @@ class Engine:
     def __init__(self, model, draft: DraftSpec = DraftSpec(), tree_size: int | None = None,
                  typical: bool = False, max_batch: int = 8, context: int | None = None,
                  request_timeout: float | None = None, backbone=None,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, compute: ComputeThread | None = None):
         self.model = model
         self.draft = draft  # the server's drafter and the options every request's drafter gets
         self.tree_size = tree_size
@@ -230,9 +232,13 @@ class Engine:
         self.finished: collections.deque[Outcome] = collections.deque(maxlen=64)
         self.solo: Running | None = None  # a lone request decoding speculatively
         self._prefilling: Job | None = None  # taken from the queue, not yet running
-        self._thread: threading.Thread | None = None
+        # The worker runs on `compute` (see server/compute.py: `hasten serve` passes the thread
+        # that loaded the model), else on a thread of its own.
+        self.compute = compute
+        self._worker: Future | None = None
         self._lock = threading.Lock()
         self._stopping = False
+        self.threads = torch.get_num_threads()  # the worker's, whoever set them last
 
     @property
     def queued(self) -> int:
@@ -245,10 +251,10 @@ class Engine:
 
     def start(self) -> None:
         with self._lock:
-            if self._thread is None or not self._thread.is_alive():
+            if self._worker is None or self._worker.done():
                 self._stopping = False
-                self._thread = threading.Thread(target=self._work, name="hasten-engine", daemon=True)
-                self._thread.start()
+                self.compute = self.compute or ComputeThread("hasten-engine")
+                self._worker = self.compute.submit(self._work)
 
     def submit(self, job: Job) -> None:
         self.start()
@@ -277,10 +283,10 @@ class Engine:
         self._stopping = True
         self.cancel_queued()
         self.cancel_running()
-        if self._thread is not None and self._thread.is_alive():
+        if self._worker is not None and not self._worker.done():
             self.jobs.put(None)  # wakes an idle worker
-            self._thread.join(timeout)
-        self._thread = None
+            wait([self._worker], timeout)
+        self._worker = None
 
     def spec(self, name: str | None) -> DraftSpec:
         """The drafter a request names (None: the server's), with the server's options."""
@@ -292,6 +298,7 @@ class Engine:
     # ---- the worker ---------------------------------------------------------------------
 
     def _work(self) -> None:
+        torch.set_num_threads(self.threads)
         while not self._stopping:
             try:
                 self._release_done()
