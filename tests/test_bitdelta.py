@@ -17,6 +17,7 @@ from hasten.bitdelta import distill as distill_mod
 from hasten.bitdelta.pack import pack_signs, sign_matmul, unpack_signs
 from hasten.bitdelta.runtime import block_linear_names, hf_state_dict, set_route
 from hasten.errors import HastenError
+from hasten.models import quant_kernels as qk
 from hasten.models.llama import build_llama
 
 from tiny import hf_reference, tiny_config
@@ -477,6 +478,38 @@ def test_with_delta_gives_a_model_of_base_plus_delta(pair, tmp_path):
     other = save_folder(tmp_path / "other", base_weights(seed=3)[0], config)
     with pytest.raises(bd.DeltaError, match="another base"):
         with_delta(load(str(other)), path)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_delta_applies_to_the_float32_model_load_builds(tmp_path, tied):
+    """`load(dtype="float32")` runs the compiled-kernel layers (`KernelDense`) where they build:
+    the delta-aware model must wrap those, share their weights, and compute the merged model
+    (tied: the delta's own embedding and norm too, the LM head as KernelDense stores it)."""
+    from hasten.api import load
+    from hasten.bitdelta.model import with_delta
+    from hasten.models.compact import KernelDense
+
+    base_sd, config = base_weights(tie_word_embeddings=tied, intermediate_size=64)  # kernel shapes
+    if tied:
+        base_sd.pop("lm_head.weight", None)
+    ft_sd = finetuned(base_sd, others=tied)
+    base = save_folder(tmp_path / "base", base_sd, config)
+    path = tmp_path / "delta"
+    bd.save(bd.compress(base_sd, config, ft_sd, config), path)
+    model = load(str(base))
+    aware, merged = with_delta(model, path), with_delta(model, path, merged=True)
+    x = ids(1)
+    for m in (aware, merged):
+        m.backbone.reset(1, 32)
+    assert torch.allclose(aware.backbone(x).logits, merged.backbone(x).logits, atol=1e-4)
+    layer = model.backbone.blocks[0].wqkv
+    if qk.kernel_module() is not None and qk.kernel_module().has_avx512():
+        assert isinstance(layer, KernelDense)
+        assert aware.backbone.blocks[0].wqkv.base is not layer  # a new module ...
+        assert aware.backbone.blocks[0].wqkv.base.w is layer.w  # ... over the same weights
+    assert model.backbone.blocks[0].wqkv is layer  # the base model untouched
+    assert list(aware.generate_ids(x[0].tolist(), 6, ignore_eos=True)) == \
+        list(merged.generate_ids(x[0].tolist(), 6, ignore_eos=True))
 
 
 def test_delta_arguments_for_generate_and_serve():

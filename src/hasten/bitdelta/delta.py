@@ -22,7 +22,9 @@ alpha * (x @ S.T) from the packed bits; several tenants in one model).
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from torch import nn
 
 from ..errors import HastenError
 from ..models.config import LlamaConfig
+from ..models.compact import KernelDense
 from ..models.llama import LlamaModel
 from ..models.sources import load_tokenizer, load_weights, resolve_model
 from .pack import pack_signs, unpack_signs
@@ -288,11 +291,7 @@ def delta_backbone(base: LlamaModel, deltas: list[Delta], initial: bool = False)
         names = [d.meta["finetune"]["name"] for d in deltas if d.tensors]
         raise DeltaError(f"tenants {names} also change norms or embeddings, which batched "
                          "tenants cannot share; serve them merged (one model each)")
-    with torch.device("meta"):
-        model = LlamaModel(base.config)
-    model.load_state_dict(base.state_dict(), assign=True)  # shares the base's storage
-    model.eval().requires_grad_(False)
-    model.exact = base.exact  # the base's attention mode (exact in bfloat16)
+    model = sharing_copy(base)
     if deltas[0].tensors:
         _own_tensors(model, base, deltas[0])
     for i, block in enumerate(model.blocks):
@@ -302,15 +301,33 @@ def delta_backbone(base: LlamaModel, deltas: list[Delta], initial: bool = False)
     return model
 
 
+def sharing_copy(base: LlamaModel) -> LlamaModel:
+    """A model of new modules over `base`'s own weight tensors, whatever layer classes the base
+    runs (dense, compiled-kernel or compact layers, as `load` built them), with its attention
+    settings and a KV cache of its own."""
+    cache = base._k, base._v
+    base._k = base._v = None  # not copied: the new model allocates its own at reset
+    try:
+        shared = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}
+        model = copy.deepcopy(base, shared)
+    finally:
+        base._k, base._v = cache
+    model.capacity = model.length = model._pending = 0
+    return model.eval().requires_grad_(False)
+
+
 def _own_tensors(model: LlamaModel, base: LlamaModel, delta: Delta) -> None:
     """Give `model` the fine-tune's norms / embedding / LM head where the delta changes them."""
     cfg = model.config
     targets = {"model.norm.weight": [(model.norm, "weight", False)]}
     embed_targets = [(model.embed, "weight", False)]
+    # The LM head as its class stores it: [in, out] (Dense) or [out, in] (KernelDense).
+    head = (model.lm_head, "w", False) if isinstance(model.lm_head, KernelDense) else \
+        (model.lm_head, "weight_t", True)
     if cfg.tie_word_embeddings:
-        embed_targets.append((model.lm_head, "weight_t", True))
+        embed_targets.append(head)
     targets["model.embed_tokens.weight"] = embed_targets
-    targets["lm_head.weight"] = [(model.lm_head, "weight_t", True)]
+    targets["lm_head.weight"] = [head]
     for i, block in enumerate(model.blocks):
         targets[f"model.layers.{i}.input_layernorm.weight"] = [(block.attn_norm, "weight", False)]
         targets[f"model.layers.{i}.post_attention_layernorm.weight"] = [(block.mlp_norm, "weight", False)]
