@@ -109,7 +109,9 @@ def memory(args) -> None:
             spec = json.dumps({"base": args.base, "deltas": deltas if kind == "tenants" else [],
                                "finetunes": finetunes, "kind": kind})
             out = subprocess.run([sys.executable, __file__, "memory-child"], input=spec,
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"memory-child ({kind}, {n} tenants) failed:\n{out.stderr[-3000:]}")
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(json.dumps(results[-1]), flush=True)
     print("\n| tenants | one base + N deltas: RSS / peak MB | N full models: RSS / peak MB |")

@@ -276,6 +276,11 @@ def tenants(args) -> dict:
             "merged_one_after_another_tok_s": rate(merged, merged_s) if merged else None,
             "ratio": round(rate(shared, shared_s) / rate(merged, merged_s), 2) if merged else None,
             "all_ok": all(r["status"] == 200 for r in shared + merged),
+            # with --draft: each tenant's tokens per step on the shared server (1.0: plain)
+            "tokens_per_step_by_tenant": {
+                name: round(statistics.mean(r["stats"]["mean_accepted_tokens_per_step"]
+                                            for r in shared[2 * k:2 * k + 2]), 2)
+                for k, name in enumerate(names)},
             "max_batch_seen": max(r["stats"]["max_batch_size"] for r in shared)}
 
 

@@ -194,6 +194,31 @@ def test_a_speculating_request_joins_the_batch_when_company_arrives(model, monke
         s.stop()
 
 
+def test_a_request_arriving_during_a_lone_speculative_prefill_joins_it_in_the_batch(model,
+                                                                                   monkeypatch):
+    """Company that arrives while the lone request prefills must not be admitted beside it:
+    the loop steps only the lone request while it is alone, so the newcomer sat unstepped in
+    the batch until the other finished (both max_batch_size 1, the second at half speed)."""
+    want = [model.generate(REPEAT, 60, temperature=0), model.generate(QUESTIONS[2], 40, temperature=0)]
+    s = Server(create_app(model, log=False, tree_size=4))
+    engine = s.app.state.engine
+    gate = ForwardGate(monkeypatch, model.backbone, after=0)  # holds the lone one's prefill
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            lone = pool.submit(ask, s.client(), REPEAT, max_tokens=60, draft="lookup")
+            wait_for(lambda: gate.calls >= 1, "the lone request to start its prefill")
+            other = pool.submit(ask, s.client(), QUESTIONS[2])
+            wait_for(lambda: engine.queued == 1, "the second request to wait")
+            gate.opened.set()
+            (text_a, ra), (text_b, rb) = lone.result(30), other.result(30)
+        assert [text_a, text_b] == want
+        assert ra.model_extra["hasten"]["max_batch_size"] == 2
+        assert rb.model_extra["hasten"]["max_batch_size"] == 2
+    finally:
+        gate.opened.set()
+        s.stop()
+
+
 def test_sampled_requests_with_a_drafter_decode_plain(model):
     s = Server(create_app(model, log=False, tree_size=4))
     try:

@@ -334,6 +334,11 @@ class Engine:
                 self.served += 1
             finally:
                 self._prefilling = None
+            if self.solo is not None:
+                # A lone speculating request admits no company itself: whoever arrived during
+                # its prefill waits for the loop to move it into the batch first (admitted now,
+                # they sat in the batch unstepped until it finished).
+                return True
         return True
 
     def _start(self, job: Job) -> None:
