@@ -260,6 +260,7 @@ def test_the_engine_decodes_on_the_compute_thread_it_is_given(model, solo):
     loader = compute.call(threading.get_ident)
     assert loader != threading.get_ident()
     seen: list[int] = []
+    before = set(threading.enumerate())
     app = create_app(model, compute=compute)
     engine = app.state.engine
     step = engine.decoder.step
@@ -277,4 +278,4 @@ def test_the_engine_decodes_on_the_compute_thread_it_is_given(model, solo):
         s.stop()
     assert answers == solo[:2]
     assert seen and set(seen) == {loader}
-    assert not any(t.name == "hasten-engine" for t in threading.enumerate())
+    assert not any(t.name == "hasten-engine" for t in set(threading.enumerate()) - before)

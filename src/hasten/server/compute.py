@@ -33,9 +33,16 @@ class ComputeThread:
         """fn(*args, **kwargs) on this thread; its result, or its exception raised here."""
         return self.submit(fn, *args, **kwargs).result()
 
+    def close(self) -> None:
+        """End the thread once the jobs given so far have run."""
+        self._jobs.put(None)
+
     def _run(self) -> None:
         while True:
-            future, fn, args, kwargs = self._jobs.get()
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, fn, args, kwargs = job
             if not future.set_running_or_notify_cancel():
                 continue
             try:

@@ -235,6 +235,7 @@ class Engine:
         # The worker runs on `compute` (see server/compute.py: `hasten serve` passes the thread
         # that loaded the model), else on a thread of its own.
         self.compute = compute
+        self._own_compute = compute is None
         self._worker: Future | None = None
         self._lock = threading.Lock()
         self._stopping = False
@@ -287,6 +288,9 @@ class Engine:
             self.jobs.put(None)  # wakes an idle worker
             wait([self._worker], timeout)
         self._worker = None
+        if self._own_compute and self.compute is not None:
+            self.compute.close()  # a later start makes a new one
+            self.compute = None
 
     def spec(self, name: str | None) -> DraftSpec:
         """The drafter a request names (None: the server's), with the server's options."""
