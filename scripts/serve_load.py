@@ -5,8 +5,9 @@ requests, each with a timeout; the servers it starts are stopped with SIGTERM at
 
 1. lone: one request alone, its `decode_tokens_per_second`, against `hasten generate
    --stats-json` on the same prompt (the CLI's speed), interleaved, medians of --repeats.
-2. batch: --clients prompts one at a time, then all at once: aggregate tok/s of each, and
-   whether every concurrent answer equals its one-at-a-time answer (greedy).
+2. batch: --clients prompts one at a time, then all at once, --repeats rounds interleaved:
+   aggregate tok/s of each, the median ratio, and whether every concurrent answer equals its
+   one-at-a-time answer (greedy).
 3. queue: 2 x --clients clients at once against a server with --max-queue 4: how many got
    429 and how fast, and whether the others' answers equal their solo answers.
 4. soak (--soak SECONDS): --clients clients mixing answers, streams, streams closed after a
@@ -126,19 +127,27 @@ def lone(args, server: ServerProcess) -> dict:
 
 
 def batch(args, server: ServerProcess, prompts: list[str]) -> tuple[dict, list[str]]:
-    start = time.perf_counter()
-    alone = [ask(server.url, p, args.tokens) for p in prompts]
-    alone_s = time.perf_counter() - start
-    start = time.perf_counter()
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        together = list(pool.map(lambda p: ask(server.url, p, args.tokens), prompts))
-    together_s = time.perf_counter() - start
-    rate = lambda rs, s: round(sum(r["tokens"] for r in rs) / s, 2)  # noqa: E731
-    return {"one_at_a_time_tok_s": rate(alone, alone_s), "concurrent_tok_s": rate(together, together_s),
-            "speedup": round(rate(together, together_s) / rate(alone, alone_s), 2),
-            "identical_answers": sum(a["text"] == b["text"] for a, b in zip(alone, together)),
-            "of": len(prompts),
-            "max_batch_seen": max(r["stats"]["max_batch_size"] for r in together)}, \
+    """--repeats rounds, each the prompts one at a time and then all at once: aggregate tok/s
+    of each and their ratio per round (interleaved, so load on the machine hits both), the
+    median ratio, and whether every concurrent answer equals its one-at-a-time answer."""
+    rate = lambda rs, s: sum(r["tokens"] for r in rs) / s  # noqa: E731
+    rounds, identical, seen = [], [], 0
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        alone = [ask(server.url, p, args.tokens) for p in prompts]
+        alone_s = time.perf_counter() - start
+        start = time.perf_counter()
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            together = list(pool.map(lambda p: ask(server.url, p, args.tokens), prompts))
+        together_s = time.perf_counter() - start
+        rounds.append((rate(alone, alone_s), rate(together, together_s)))
+        identical.append(sum(a["text"] == b["text"] for a, b in zip(alone, together)))
+        seen = max(seen, *(r["stats"]["max_batch_size"] for r in together))
+    ratios = [t / a for a, t in rounds]
+    return {"one_at_a_time_tok_s": [round(a, 2) for a, _ in rounds],
+            "concurrent_tok_s": [round(t, 2) for _, t in rounds],
+            "speedups": [round(r, 2) for r in ratios], "speedup": round(statistics.median(ratios), 2),
+            "identical_answers": min(identical), "of": len(prompts), "max_batch_seen": seen}, \
         [a["text"] for a in alone]
 
 
