@@ -225,3 +225,24 @@ def test_dense_float32_runs_on_the_kernels_exactly(tmp_path, cache, kernel):
     prompt = model.encode("hello hello hello", chat=False)
     plain = list(model.generate_ids(prompt, 24, ignore_eos=True))
     assert list(model.generate_ids(prompt, 24, ignore_eos=True, draft="lookup", tree_size=4)) == plain
+
+
+def test_linear_uses_the_kernel_at_inference_and_torch_under_autograd(kernel):
+    """`quant_kernels.linear` (EAGLE's and Medusa's heads): the kernel's rows (independent of
+    the row count) at inference, torch's differentiable product when training."""
+    from hasten.models.compact import KernelLinear, linears_on_kernels
+    g = torch.Generator().manual_seed(6)
+    w, x = torch.randn(48, 64, generator=g), torch.randn(5, 64, generator=g)
+    with torch.no_grad():
+        y = qk.linear(x, w)
+    assert torch.allclose(y.double(), x.double() @ w.double().t(), atol=1e-4)
+    if kernel.has_avx512():
+        assert torch.equal(y, qk.dense_matmul(x, w))
+    xr = x.clone().requires_grad_(True)
+    qk.linear(xr, w).sum().backward()
+    assert torch.allclose(xr.grad, w.sum(0).expand(5, -1))
+    net = torch.nn.Sequential(torch.nn.Linear(64, 48, bias=False), torch.nn.Linear(48, 8))
+    linears_on_kernels(net)
+    assert type(net[0]) is KernelLinear and type(net[1]) is torch.nn.Linear  # biased: as is
+    with torch.no_grad():
+        assert torch.allclose(net[0](x), x @ net[0].weight.t(), atol=1e-4)

@@ -26,6 +26,8 @@ import torch
 from ..decoding.tree import DraftTree
 from ..errors import HastenError
 from ..medusa.heads import find_for_model, lm_head_weight
+from ..models.compact import linears_on_kernels
+from ..models.quant_kernels import linear
 from .head import EagleCache, EagleHead, LoadedEagle, is_head_folder, load_head
 
 DEPTH = 6  # draft levels
@@ -39,7 +41,7 @@ class EagleDrafter:
     def __init__(self, head: EagleHead, embed: torch.Tensor, lm_head: torch.Tensor,
                  depth: int = DEPTH, topk: int = TOPK, use_draft_vocab: bool = True):
         """`embed` and `lm_head`: the target's [V, d] embedding and LM head."""
-        self.head = head.eval()
+        self.head = linears_on_kernels(head.eval())  # drafting only: torch's with autograd
         self.depth, self.topk = depth, topk
         dtype = next(head.parameters()).dtype
         vocab = head.draft_vocab if use_draft_vocab and head.draft_vocab.numel() else None
@@ -103,7 +105,7 @@ class EagleDrafter:
         return self.last is not None
 
     def _logprobs(self, states: torch.Tensor) -> torch.Tensor:
-        return (states @ self.weight.T).float().log_softmax(-1)
+        return linear(states, self.weight).float().log_softmax(-1)
 
     def _ids(self, top: torch.Tensor) -> torch.Tensor:
         return self.vocab[top] if self.vocab is not None else top

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import HastenError
+from ..models.quant_kernels import linear
 
 CONFIG_NAME = "medusa_config.json"
 WEIGHTS_NAME = "medusa_heads.safetensors"
@@ -126,7 +127,7 @@ def project(states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     k, d = states.shape[0], states.shape[-1]
     flat = states.reshape(k, -1, d)
     if weight.dim() == 2:
-        out = flat @ weight.T
+        out = linear(flat.reshape(-1, d), weight).reshape(k, -1, weight.shape[0])
     else:
         out = torch.bmm(flat, weight[:k].transpose(1, 2))
     return out.reshape(*states.shape[:-1], out.shape[-1])

@@ -30,7 +30,7 @@ from .gguf_convert import (_ROPE_FREQS, PERMUTED_ARCHS, _dequantize, architectur
                            open_gguf, unpermute_rope_rows)
 from .llama import Block, Dense, LlamaModel, RMSNorm
 from .quant_kernels import (BLOCK, BLOCK_BYTES, block_matmul, can_fuse_attention, dense_matmul,
-                            dequantize_blocks, kernel_module)
+                            dequantize_blocks, kernel_module, linear)
 
 
 class QuantDense(nn.Module):
@@ -81,6 +81,22 @@ class KernelDense(Dense):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x @ self.w.t() if torch.is_grad_enabled() and x.requires_grad else dense_matmul(x, self.w)
         return y if self.bias is None else y + self.bias
+
+
+class KernelLinear(nn.Linear):
+    """An nn.Linear (no bias) multiplying through `quant_kernels.linear`: the compiled kernel
+    at inference, torch's with autograd. For small float32 heads on the CPU (EAGLE's)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
+def linears_on_kernels(module: nn.Module) -> nn.Module:
+    """Every bias-free float32 nn.Linear of `module` as a KernelLinear, in place (a class swap)."""
+    for sub in module.modules():
+        if type(sub) is nn.Linear and sub.bias is None and sub.weight.dtype == torch.float32:
+            sub.__class__ = KernelLinear
+    return module
 
 
 class FusedRMSNorm(RMSNorm):

@@ -141,6 +141,16 @@ def dense_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y.reshape(*lead, w.shape[0])
 
 
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T for a float32 [N, K] w: the compiled kernel where it runs (CPU, float32, K a
+    multiple of 32, AVX-512, no autograd; on AMD EPYC 1.5-3x MKL for a few rows), else torch."""
+    module = kernel_module() if x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 else None
+    if (module is None or not module.has_avx512() or w.shape[1] % BLOCK or not w.is_contiguous()
+            or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+        return x @ w.t()
+    return dense_matmul(x, w)
+
+
 def logical_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan,
                       scale: float) -> torch.Tensor:
     """`exact_attention` for a float32 plan with `counts` (see `exact_attention.plan_keys`),
