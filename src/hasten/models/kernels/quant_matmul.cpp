@@ -257,6 +257,64 @@ torch::Tensor logical_attention(const torch::Tensor& q, const torch::Tensor& k,
   const int64_t* cp = counts.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const int64_t chunks = (W + 15) / 16;
+#if defined(__AVX512F__)
+  // The `group` query heads of one kv head together: each key and value vector is loaded once
+  // for all of them. Per (head, query) the arithmetic is the same fixed sequence as below.
+  TORCH_CHECK(group <= 16, "at most 16 query heads per kv head");
+  const int64_t DV = D / 16;
+  at::parallel_for(0, KV * T, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(group * chunks * 16);
+    std::vector<float> qs(group * D);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t kvh = i / T, t = i % T;
+      const int64_t row = batched ? std::min(std::max<int64_t>(rp[t], 0), R - 1) : 0;
+      const int64_t kv = row * KV + kvh;
+      const int64_t n = std::min(cp[t], W);
+      const int64_t* st = sp + t * W;
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t d = 0; d < D; ++d)
+          qs[g * D + d] = qp[((kvh * group + g) * T + t) * D + d] * static_cast<float>(scale);
+      float m[16];
+      for (int64_t g = 0; g < group; ++g) m[g] = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) {  // scores: q . k over D in 16-lane chunks, then summed
+        const float* kj = kp + (kv * cap + std::min(std::max<int64_t>(st[j], 0), cap - 1)) * D;
+        for (int64_t g = 0; g < group; ++g) {
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t c = 0; c < DV; ++c)
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(qs.data() + g * D + c * 16), _mm512_loadu_ps(kj + c * 16), acc);
+          const float sdot = _mm512_reduce_add_ps(acc);
+          scores[g * chunks * 16 + j] = sdot;
+          m[g] = std::max(m[g], sdot);
+        }
+      }
+      float total[16];
+      using Vec = at::vec::Vectorized<float>;
+      for (int64_t g = 0; g < group; ++g) {  // weights exp(s - max), one vectorised exp
+        float* sg = scores.data() + g * chunks * 16;
+        for (int64_t j = n; j < chunks * 16; ++j) sg[j] = -INFINITY;
+        const Vec mv(m[g]);
+        for (int64_t c = 0; c < (n + Vec::size() - 1) / Vec::size(); ++c)
+          (Vec::loadu(sg + c * Vec::size()) - mv).exp().store(sg + c * Vec::size());
+        total[g] = 0.f;
+        for (int64_t j = 0; j < n; ++j) total[g] += sg[j];
+      }
+      for (int64_t c = 0; c < DV; ++c) {  // outputs: the weighted values, key after key
+        __m512 acc[16];
+        for (int64_t g = 0; g < group; ++g) acc[g] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; ++j) {
+          const float* vj = vp + (kv * cap + std::min(std::max<int64_t>(st[j], 0), cap - 1)) * D;
+          const __m512 vv = _mm512_loadu_ps(vj + c * 16);
+          for (int64_t g = 0; g < group; ++g)
+            acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * chunks * 16 + j]), vv, acc[g]);
+        }
+        for (int64_t g = 0; g < group; ++g)
+          _mm512_storeu_ps(op + ((kvh * group + g) * T + t) * D + c * 16,
+                           _mm512_div_ps(acc[g], _mm512_set1_ps(total[g])));
+      }
+    }
+  });
+#else
+  const int64_t chunks = (W + 15) / 16;
   at::parallel_for(0, H * T, 4, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(chunks * 16);
     for (int64_t i = i0; i < i1; ++i) {
@@ -302,6 +360,7 @@ torch::Tensor logical_attention(const torch::Tensor& q, const torch::Tensor& k,
       for (int64_t d = 0; d < D; ++d) oi[d] = o[d] / total;
     }
   });
+#endif
   return out;
 }
 
