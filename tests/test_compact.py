@@ -246,3 +246,40 @@ def test_linear_uses_the_kernel_at_inference_and_torch_under_autograd(kernel):
     assert type(net[0]) is KernelLinear and type(net[1]) is torch.nn.Linear  # biased: as is
     with torch.no_grad():
         assert torch.allclose(net[0](x), x @ net[0].weight.t(), atol=1e-4)
+
+
+@pytest.mark.parametrize("weights", ["compact", "dense"])
+def test_a_block_in_one_compiled_call_gives_the_python_blocks_bits(tmp_path, cache, kernel,
+                                                                   monkeypatch, weights):
+    """Decode and verify steps run each block as one compiled call (`compact.block_step`):
+    the same kernels and ops in the same order as the Python block, so the same logits bit
+    for bit, compact and dense float32 alike (the batched decoder's use of it is checked
+    against solo answers in test_batched_trees)."""
+    from hasten.models import compact
+    if not kernel.has_avx512():
+        pytest.skip("the dense float32 model stays on MKL without AVX-512")
+    _, path = tiny_gguf(tmp_path)
+    model = hasten.load(str(path), weights=weights, progress=False)
+    b = model.backbone
+    assert b.exact and b.fused_attention
+    calls = []
+    fused = compact.block_step
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fused(*args, **kwargs)
+    monkeypatch.setattr(compact, "block_step", counted)
+    ids = torch.tensor([[5, 9, 11, 40, 3, 7, 21, 8, 30, 2]])
+
+    def run():
+        b.reset(1, 32)
+        with torch.inference_mode():
+            b.forward(ids[:, :6]); b.commit()
+            one = b.forward(ids[:, 6:7]).logits; b.commit()  # a plain step
+            tree = b.forward(ids[:, 7:10]).logits; b.commit()  # a chain verify
+        return one, tree
+    with_calls = run()
+    assert len(calls) == 2 * len(b.blocks)  # the prefill stays on SDPA
+    monkeypatch.setattr(compact, "fused_layers", lambda block: None)
+    python = run()
+    assert all(torch.equal(f, p) for f, p in zip(with_calls, python))

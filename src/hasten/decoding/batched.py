@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ContextFullError
+from ..models.compact import block_step, fused_layers
 from ..models.exact_attention import BLOCK, _block_partials  # the same block arithmetic
 from ..models.exact_attention import exact_attention, plan_keys
 from ..models.llama import LlamaModel, rope_inv_freq
@@ -240,6 +241,11 @@ class BatchedDecoder:
         fused = self._fused_keys(step) if m.exact and m.fused_attention else None
         tree_seconds = 0.0
         for i, block in enumerate(m.blocks):
+            layers = fused_layers(block) if fused is not None and not step.pad else None
+            if layers is not None:  # the whole block in one compiled call, the same bits
+                x = block_step(block, layers, x, cos, sin, self.k[i], self.v[i], *fused,
+                               write_rows=step.rows, write_slots=step.slots)
+                continue
             q, k, v = block.qkv(x, cos, sin)
             self.k[i, step.rows, :, step.slots] = k[:, :, 0]
             self.v[i, step.rows, :, step.slots] = v[:, :, 0]

@@ -111,6 +111,16 @@ class CompactBlock(Block):
     """A block whose norms and rotary embedding run compiled (`Block.qkv`'s signature and
     result layout unchanged): fewer ops per layer, which is what a 135M model's step costs."""
 
+    def forward(self, x, cos, sin, k_cache, v_cache, start: int, mask, plan=None):
+        # A decode or verify step of one sequence on the compiled attention: the whole block
+        # in one call where its layers allow (`fused_layers`), else the Python ops.
+        layers = fused_layers(self) if plan is not None and plan.counts is not None and \
+            x.shape[0] == 1 else None
+        if layers is None:
+            return super().forward(x, cos, sin, k_cache, v_cache, start, mask, plan)
+        return block_step(self, layers, x, cos, sin, k_cache, v_cache, plan.tail_slots,
+                          plan.counts, start=start)
+
     def qkv(self, x, cos, sin):
         b, t, _ = x.shape
         y = self.wqkv(self.attn_norm(x)).reshape(b * t, -1)
@@ -122,6 +132,50 @@ class CompactBlock(Block):
         k = k.view(b, t, self.n_kv, self.hd).transpose(1, 2)
         v = v.view(b, t, self.n_kv, self.hd).transpose(1, 2)
         return q, k, v
+
+
+KIND_CODES = {"Q4_1": 0, "Q8_0": 1}  # the kernel's Kind enum; 2 = dense float32
+
+
+def fused_layers(block: Block) -> tuple[list[torch.Tensor], list[int]] | None:
+    """The four weights of `block` and their kernel kinds, where the whole block can run in one
+    compiled call (`kernel_module().block_step`): every linear a QuantDense (Q4_1 / Q8_0) or
+    KernelDense without bias, compiled norms. None otherwise (BitDelta's DeltaDense, biases)."""
+    if type(block) is not CompactBlock or type(block.attn_norm) is not FusedRMSNorm or \
+            type(block.mlp_norm) is not FusedRMSNorm:
+        return None
+    weights, kinds = [], []
+    for layer in (block.wqkv, block.wo, block.w_gate_up, block.w_down):
+        if type(layer) is QuantDense and layer.kind in KIND_CODES and layer.bias is None:
+            weights.append(layer.blocks)
+            kinds.append(KIND_CODES[layer.kind])
+        elif type(layer) is KernelDense and layer.bias is None:
+            weights.append(layer.w)
+            kinds.append(2)
+        else:
+            return None
+    return weights, kinds
+
+
+_NONE = torch.empty(0, dtype=torch.long)
+
+
+def block_step(block: Block, layers, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+               counts: torch.Tensor, rows: torch.Tensor = _NONE, write_rows: torch.Tensor = _NONE,
+               write_slots: torch.Tensor = _NONE, start: int = 0) -> torch.Tensor:
+    """`block` (with `fused_layers(block)`) over a step's T tokens in one compiled call, the
+    same bits as its Python ops: x [..., d] with T tokens, cos/sin with T rows, caches [R, KV,
+    capacity, hd]. K/V written at (write_rows, write_slots), or (both empty) row 0 at slots
+    start.. ; attention over `slots`/`counts` as `logical_attention` (rows empty: row 0)."""
+    weights, kinds = layers
+    d = x.shape[-1]
+    out = kernel_module().block_step(
+        x.reshape(-1, d).contiguous(), block.attn_norm.weight, block.mlp_norm.weight,
+        block.attn_norm.eps, weights, kinds, cos.reshape(-1, block.hd).contiguous(),
+        sin.reshape(-1, block.hd).contiguous(), block.n_heads, block.n_kv, block.hd, k_cache,
+        v_cache, write_rows, write_slots, start, slots, counts, rows, block.hd ** -0.5)
+    return out.reshape(x.shape)
 
 
 def _fuse_row_ops(model: LlamaModel) -> None:

@@ -523,6 +523,55 @@ bool has_avx512() {
 #endif
 }
 
+// One decoder block for T tokens on the exact float32 path, in one call instead of ~25 torch
+// ops and their Python: x [T, d] (the residual stream) -> x after the block. The same kernels
+// and torch ops in the same order as the Python block (`CompactBlock`), so the same bits:
+// RMSNorm, qkv matmul, rotary in place, K/V written to the cache at (write_rows[t],
+// write_slots[t]) (both empty: row 0, slots start..start+T-1), exact attention over each query's logical keys (slots, counts, rows as for
+// `logical_attention`; rows empty: the cache's row 0), output projection and residual,
+// RMSNorm, gate/up matmul, silu(gate) * up, down projection and residual. kinds: Kind values
+// of the four weights (Q4_1, Q8_0 blocks or F32 [N, K]).
+torch::Tensor block_step(const torch::Tensor& x, const torch::Tensor& attn_norm,
+                         const torch::Tensor& mlp_norm, double eps, const std::vector<torch::Tensor>& w,
+                         const std::vector<int64_t>& kinds, const torch::Tensor& cos,
+                         const torch::Tensor& sin, int64_t heads, int64_t kv_heads, int64_t hd,
+                         const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                         const torch::Tensor& write_rows, const torch::Tensor& write_slots,
+                         int64_t start, const torch::Tensor& slots, const torch::Tensor& counts,
+                         const torch::Tensor& rows, double scale) {
+  TORCH_CHECK(w.size() == 4 && kinds.size() == 4, "four weights: qkv, o, gate_up, down");
+  const bool solo = write_rows.numel() == 0;
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              (solo || (write_rows.numel() == x.size(0) && write_slots.numel() == x.size(0))),
+              "k/v caches [R, KV, cap, hd]; one write row and slot per token");
+  auto mm = [&](const torch::Tensor& a, int i) { return block_matmul(a.contiguous(), w[i], static_cast<Kind>(kinds[i])); };
+  const int64_t T = x.size(0), q_width = heads * hd, kv_width = kv_heads * hd;
+  auto y = mm(rms_norm(x, attn_norm, eps), 0);  // [T, (H + 2 KV) hd]
+  rope_qkv_(y, cos, sin, heads, kv_heads, hd);
+  const int64_t cap = k_cache.size(2), width = y.size(1);
+  const float* yp = y.data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const int64_t* wr = solo ? nullptr : write_rows.data_ptr<int64_t>();
+  const int64_t* ws = solo ? nullptr : write_slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t row = solo ? 0 : wr[t], slot = solo ? start + t : ws[t];
+    TORCH_CHECK(row >= 0 && row < k_cache.size(0) && slot >= 0 && slot < cap, "cache write out of range");
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const int64_t at = ((row * kv_heads + h) * cap + slot) * hd;
+      std::memcpy(kc + at, yp + t * width + q_width + h * hd, hd * sizeof(float));
+      std::memcpy(vc + at, yp + t * width + q_width + kv_width + h * hd, hd * sizeof(float));
+    }
+  }
+  auto q = y.narrow(1, 0, q_width).reshape({T, heads, hd}).permute({1, 0, 2}).contiguous();
+  const bool batched = rows.numel() > 0;
+  auto attn = logical_attention(q, batched ? k_cache : k_cache[0], batched ? v_cache : v_cache[0],
+                                slots, counts, scale, rows);  // [H, T, hd]
+  auto h1 = x + mm(attn.permute({1, 0, 2}).reshape({T, q_width}), 1);
+  auto gu = mm(rms_norm(h1, mlp_norm, eps), 2).chunk(2, -1);
+  return h1 + mm(at::silu(gu[0]) * gu[1], 3);
+}
+
 // Whether at::parallel_for can split work here: it is inline and runs serially unless the
 // extension itself was compiled with OpenMP.
 bool threaded() {
@@ -545,5 +594,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("f32_matmul", &f32_matmul, "x [M, K] float32 @ W.T, W [N, K] float32, rows independent of M -> [M, N]");
   m.def("sign_matmul", &sign_matmul, "x [M, K] float32 @ S.T for packed sign bits [N, ceil(K/8)] -> [M, N]");
   m.def("has_avx512", &has_avx512, "whether the AVX-512 path was compiled");
+  m.def("block_step", &block_step, "one exact float32 decoder block for T tokens (see above)");
   m.def("threaded", &threaded, "whether the kernels split work across torch's threads");
 }
