@@ -188,10 +188,11 @@ torch::Tensor block_matmul(const torch::Tensor& x, const torch::Tensor& blocks, 
       for (int64_t t = 0, r0 = 0, rows = 0; t < tiles; ++t, r0 += rows) {
         rows = M / tiles + (t < M % tiles);
 #if defined(__AVX512F__)
-        // With 2+ rows the first row tile fetches the next chunk (this thread's, if it has
-        // one): measured 1.6x -> 1.35x one row for a verify of 9 on 2 threads. One row is
-        // streamed as fast by the hardware prefetcher alone.
-        const int64_t ahead = M >= 2 && r0 == 0 && c1 + CHUNK <= n1 ? CHUNK * row_bytes : 0;
+        // The first row tile fetches the next chunk (this thread's, if it has one): with 2+
+        // rows, a verify of 9 went 1.6x -> 1.35x one row (2 threads); for blocks, one row
+        // too (the Q8_0 LM head 1.74 -> 0.43 ms: the hardware prefetcher does not follow its
+        // 34-byte blocks). Dense float32 rows alone stream as fast without it.
+        const int64_t ahead = (M >= 2 || kind != F32) && r0 == 0 && c1 + CHUNK <= n1 ? CHUNK * row_bytes : 0;
         if (kind == Q4_1)
           tile<dequant_q4_1, Q4_1_BYTES>(xp + r0 * K, K, static_cast<int>(rows), wp, row_bytes, c0, c1, nb, yp + r0 * N, N, ahead);
         else if (kind == Q8_0)
