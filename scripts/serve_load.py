@@ -107,6 +107,30 @@ def ask(url: str, content: str, tokens: int, model: str | None = None,
     return out
 
 
+def complete(url: str, prompt: str, tokens: int, model: str | None = None) -> dict:
+    """One greedy /v1/completions request (raw text, no chat template): as `ask`."""
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, **({"model": model} if model else {})}
+    start = time.perf_counter()
+    r = httpx.post(f"{url}/v1/completions", timeout=TIMEOUT_S, json=body)
+    out = {"status": r.status_code, "seconds": time.perf_counter() - start}
+    if r.status_code == 200:
+        body = r.json()
+        out.update(text=body["choices"][0]["text"], tokens=body["usage"]["completion_tokens"],
+                   stats=body["hasten"])
+    return out
+
+
+def domain_prompts(args, names: list[str]) -> list[str]:
+    """Two held-out prompts of each tenant's own domain (its name without trailing digits:
+    code, math, licenses), as text: what `bitdelta_report.py speculate` decodes."""
+    from hasten.api import load
+    from hasten.bitdelta import data
+
+    tokenizer = load(args.model).tokenizer
+    return [tokenizer.decode(ids) for name in names
+            for ids in data.prompts(tokenizer, name.rstrip("0123456789"), 2)]
+
+
 def cli_speed(args) -> float:
     cmd = [sys.executable, "-m", "hasten", "generate", "--stats-json", "-n", str(args.tokens),
            "--dtype", args.dtype, *model_args(args), STORY]
@@ -259,12 +283,15 @@ def tenants(args) -> dict:
     models) served by its own server one after another, its two clients at once. Aggregate
     tok/s over the requests' wall time (server start-up excluded)."""
     names = [t.split("=", 1)[0] for t in args.tenant]
-    prompts = [f"Write a short story about {t}." for t in TOPICS[:2 * len(names)]]
+    if args.domain_prompts:  # raw completions of each tenant's own held-out prompts
+        prompts, ask_one = domain_prompts(args, names), complete
+    else:
+        prompts, ask_one = [f"Write a short story about {t}." for t in TOPICS[:2 * len(names)]], ask
     server = ServerProcess(args, *[x for t in args.tenant for x in ("--delta", t)])
     try:
         start = time.perf_counter()
         with ThreadPoolExecutor(len(prompts)) as pool:
-            shared = list(pool.map(lambda i: ask(server.url, prompts[i], args.tokens, names[i // 2]),
+            shared = list(pool.map(lambda i: ask_one(server.url, prompts[i], args.tokens, names[i // 2]),
                                    range(len(prompts))))
         shared_s = time.perf_counter() - start
     finally:
@@ -275,7 +302,7 @@ def tenants(args) -> dict:
         try:
             start = time.perf_counter()
             with ThreadPoolExecutor(2) as pool:
-                merged += list(pool.map(lambda p: ask(one.url, p, args.tokens), prompts[2 * i:2 * i + 2]))
+                merged += list(pool.map(lambda p: ask_one(one.url, p, args.tokens), prompts[2 * i:2 * i + 2]))
             merged_s += time.perf_counter() - start
         finally:
             one.stop()
@@ -310,6 +337,9 @@ def main() -> None:
                     help="BitDelta tenants: only the tenants measurement runs (see tenants())")
     ap.add_argument("--finetune", action="append", default=[], metavar="FOLDER",
                     help="with --tenant: the merged models, in the same order")
+    ap.add_argument("--domain-prompts", action="store_true",
+                    help="with --tenant: each tenant's own held-out domain prompts (its name: "
+                         "code, math, licenses) as raw completions, not story prompts")
     args = ap.parse_args()
     if args.tenant:
         print(json.dumps({"dtype": args.dtype, "tokens": args.tokens, **tenants(args)}, indent=1))
