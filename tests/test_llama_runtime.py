@@ -42,6 +42,26 @@ def test_incremental_decoding_matches_full_pass():
     torch.testing.assert_close(torch.cat(chunks, dim=1), want, rtol=1e-6, atol=1e-6)
 
 
+def test_a_cache_made_under_inference_mode_is_replaced_outside_it():
+    """Measurements (exactness, cost curves) run under inference_mode and leave the cache
+    allocated there; a later forward outside it must not fail writing it ("Inplace update to
+    inference tensor outside InferenceMode"), however the measurements were cached."""
+    ours, _ = tiny_pair()
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        ours.reset(capacity=64)
+        want = ours.forward(ids).logits.clone()
+    ours.reset(capacity=32)  # smaller than the allocation: it would have been reused
+    assert not ours._k.is_inference()
+    with torch.no_grad():
+        assert torch.equal(ours.forward(ids).logits, want)
+    with torch.inference_mode():  # and inside it, the allocation is reused as before
+        ours.reset(capacity=16)
+        kept = ours._k
+        ours.reset(capacity=16)
+        assert ours._k is kept
+
+
 def test_commit_with_arbitrary_keep_indices_equals_recompute():
     """Verify a batch of candidates, keep a scattered subset, then check the next logits
     against a fresh pass over the prefix + kept tokens."""

@@ -222,11 +222,15 @@ class LlamaModel(nn.Module):
     def reset(self, batch_size: int = 1, capacity: int | None = None) -> None:
         cfg = self.config
         capacity = capacity or self.capacity or min(cfg.max_position_embeddings, 4096)
-        allocated = self._k.shape[3] if self._k is not None else 0
-        if self._k is not None and self._k.shape[1] == batch_size and allocated >= capacity:
+        # A cache made under inference_mode (a measurement inside `load`, say) cannot be
+        # written outside it: make a new one then.
+        usable = self._k is not None and (torch.is_inference_mode_enabled() or
+                                          not self._k.is_inference())
+        allocated = self._k.shape[3] if usable else 0
+        if usable and self._k.shape[1] == batch_size and allocated >= capacity:
             capacity = allocated  # reuse the allocation: a larger cache is never wrong
         shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, capacity, cfg.head_dim)
-        if self._k is None or self._k.shape != shape:
+        if not usable or self._k.shape != shape:
             self._k = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self._v = torch.zeros(shape, dtype=self.dtype, device=self.device)
             inv_freq, divisor = rope_inv_freq(cfg)
