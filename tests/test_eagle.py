@@ -149,3 +149,28 @@ def test_head_files_round_trip_and_refuse_another_model(tmp_path):
         load_head(tmp_path / "h", ours)
     meta = json.loads((tmp_path / "h" / "eagle_config.json").read_text())
     assert meta["format"] == "hasten-eagle"
+
+
+def test_drafting_weights_as_q8_0_keep_the_head_and_stay_lossless():
+    """`quantize_for_drafting` (what `eagle_drafter` does where our float32 kernels run):
+    the drafter's copy of the head and its draft LM head become Q8_0 blocks, the given head
+    keeps its float32 layers, drafts stay close to the float32 drafter's, and greedy decoding
+    with them is still plain decoding."""
+    from hasten.models import quant_kernels as qk
+    from hasten.models.compact import QuantDense
+    module = qk.kernel_module()
+    if module is None or not module.has_avx512():
+        pytest.skip("Q8_0 drafting needs the AVX-512 kernels")
+    ours, _ = tiny_pair(dtype=torch.float32, hidden_size=64, intermediate_size=64, head_dim=16)
+    head = _head(ours.config, dtype=torch.float32)
+    drafter = EagleDrafter(head, ours.embed.weight, ours.lm_head.weight, depth=4, topk=3)
+    reference = EagleDrafter(head, ours.embed.weight, ours.lm_head.weight, depth=4, topk=3)
+    drafter.quantize_for_drafting()
+    assert isinstance(drafter.head.q_proj, QuantDense) and drafter.weight_blocks is not None
+    assert isinstance(head.q_proj, torch.nn.Linear)  # the given head keeps float32 layers
+    states = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(drafter._logprobs(states), reference._logprobs(states), atol=0.05)
+    prompt = [5, 9, 14, 3, 22, 7, 9, 14]
+    plain = list(generate_plain(ours, prompt, 40))
+    assert list(generate_speculative(ours, drafter, prompt, 40, tree_size=12)) == plain

@@ -19,15 +19,17 @@ lossless, and greedy output is the target's whatever the head guesses.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..decoding.tree import DraftTree
 from ..errors import HastenError
 from ..medusa.heads import find_for_model, lm_head_weight
-from ..models.compact import linears_on_kernels
-from ..models.quant_kernels import linear
+from ..models.compact import QuantDense, linears_on_kernels
+from ..models.quant_kernels import BLOCK, block_matmul, kernel_module, linear, quantize_q8_0
 from .head import EagleCache, EagleHead, LoadedEagle, is_head_folder, load_head
 
 DEPTH = 6  # draft levels
@@ -52,6 +54,7 @@ class EagleDrafter:
                 weight = weight[vocab]
             self.weight = weight.to(dtype).contiguous()  # [Vd, d]
         self.vocab = vocab
+        self.weight_blocks: torch.Tensor | None = None  # `quantize_for_drafting`
         self.embed = embed.detach()
         self.dtype = dtype
         self.cache: EagleCache | None = None
@@ -104,7 +107,25 @@ class EagleDrafter:
             self.last = out[-1]
         return self.last is not None
 
+    def quantize_for_drafting(self) -> None:
+        """Where our kernels run (float32 on a CPU with AVX-512): the head's linear layers and
+        the draft-vocabulary LM head as Q8_0 blocks. A proposal streams its weights once per
+        level, so a quarter of the bytes is most of its cost (5.3 ms -> see the README); drafts
+        need no exactness, and the verify step decides every token. On a copy of the head, so
+        the loaded (or trained) one keeps its float32 weights."""
+        module = kernel_module()
+        if (module is None or not module.has_avx512() or self.dtype != torch.float32 or
+                self.weight.device.type != "cpu" or self.weight.shape[1] % BLOCK):
+            return
+        self.head = copy.deepcopy(self.head)
+        for name, sub in list(self.head.named_children()):
+            if isinstance(sub, nn.Linear) and sub.bias is None and sub.in_features % BLOCK == 0:
+                setattr(self.head, name, QuantDense(quantize_q8_0(sub.weight), "Q8_0"))
+        self.weight_blocks = quantize_q8_0(self.weight)
+
     def _logprobs(self, states: torch.Tensor) -> torch.Tensor:
+        if self.weight_blocks is not None:
+            return block_matmul(states, self.weight_blocks, "Q8_0").log_softmax(-1)
         return linear(states, self.weight).float().log_softmax(-1)
 
     def _ids(self, top: torch.Tensor) -> torch.Tensor:
@@ -209,4 +230,5 @@ def eagle_drafter(model, head: str | Path | None = None, depth: int | None = Non
     drafter = EagleDrafter(module, embedding_weight(backbone), lm_head_weight(backbone),
                            depth=depth or DEPTH)
     drafter.expected_lengths = loaded.meta.get("expected_lengths")
+    drafter.quantize_for_drafting()
     return drafter

@@ -141,6 +141,15 @@ def dense_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y.reshape(*lead, w.shape[0])
 
 
+def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
+    """float [N, K] -> Q8_0 blocks [N, K / 32 * 34] (gguf's quantizer), for `block_matmul`."""
+    import gguf
+    import numpy as np
+
+    blocks = gguf.quants.quantize(w.detach().float().cpu().numpy(), gguf.GGMLQuantizationType.Q8_0)
+    return torch.from_numpy(np.ascontiguousarray(blocks))
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w.T for a float32 [N, K] w: the compiled kernel where it runs (CPU, float32, K a
     multiple of 32, AVX-512, no autograd; on AMD EPYC 1.5-3x MKL for a few rows), else torch."""
