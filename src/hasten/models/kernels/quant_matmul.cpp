@@ -315,7 +315,6 @@ torch::Tensor logical_attention(const torch::Tensor& q, const torch::Tensor& k,
     }
   });
 #else
-  const int64_t chunks = (W + 15) / 16;
   at::parallel_for(0, H * T, 4, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(chunks * 16);
     for (int64_t i = i0; i < i1; ++i) {
