@@ -30,7 +30,7 @@ from .gguf_convert import (_ROPE_FREQS, PERMUTED_ARCHS, _dequantize, architectur
                            open_gguf, unpermute_rope_rows)
 from .llama import Block, Dense, LlamaModel, RMSNorm
 from .quant_kernels import (BLOCK, BLOCK_BYTES, block_matmul, can_fuse_attention, dense_matmul,
-                            dequantize_blocks, kernel_module, linear)
+                            NO_ROWS, dequantize_blocks, kernel_module, linear)
 
 
 class QuantDense(nn.Module):
@@ -157,13 +157,11 @@ def fused_layers(block: Block) -> tuple[list[torch.Tensor], list[int]] | None:
     return weights, kinds
 
 
-_NONE = torch.empty(0, dtype=torch.long)
-
-
 def block_step(block: Block, layers, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-               counts: torch.Tensor, rows: torch.Tensor = _NONE, write_rows: torch.Tensor = _NONE,
-               write_slots: torch.Tensor = _NONE, start: int = 0) -> torch.Tensor:
+               counts: torch.Tensor, rows: torch.Tensor = NO_ROWS,
+               write_rows: torch.Tensor = NO_ROWS, write_slots: torch.Tensor = NO_ROWS,
+               start: int = 0) -> torch.Tensor:
     """`block` (with `fused_layers(block)`) over a step's T tokens in one compiled call, the
     same bits as its Python ops: x [..., d] with T tokens, cos/sin with T rows, caches [R, KV,
     capacity, hd]. K/V written at (write_rows, write_slots), or (both empty) row 0 at slots

@@ -166,11 +166,11 @@ def logical_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     computed by the compiled kernel over the keys where they lie in the cache: q [1, H, T, D]
     -> [1, H, T, D]. Every query reduces over its logical keys in order, whatever the batch."""
     out = kernel_module().logical_attention(q[0].contiguous(), k_cache[0], v_cache[0],
-                                            plan.tail_slots, plan.counts, scale, _NO_ROWS)
+                                            plan.tail_slots, plan.counts, scale, NO_ROWS)
     return out[None]
 
 
-_NO_ROWS = torch.empty(0, dtype=torch.long)
+NO_ROWS = torch.empty(0, dtype=torch.long)  # the kernels' "no cache rows given": row 0
 
 
 def batched_logical_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

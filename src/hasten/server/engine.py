@@ -239,7 +239,6 @@ class Engine:
         self._worker: Future | None = None
         self._lock = threading.Lock()
         self._stopping = False
-        self.threads = torch.get_num_threads()  # the worker's, whoever set them last
 
     @property
     def queued(self) -> int:
@@ -302,7 +301,6 @@ class Engine:
     # ---- the worker ---------------------------------------------------------------------
 
     def _work(self) -> None:
-        torch.set_num_threads(self.threads)
         while not self._stopping:
             try:
                 self._release_done()
