@@ -248,7 +248,7 @@ def test_linear_uses_the_kernel_at_inference_and_torch_under_autograd(kernel):
         assert torch.allclose(net[0](x), x @ net[0].weight.t(), atol=1e-4)
 
 
-@pytest.mark.parametrize("weights", ["compact", "dense"])
+@pytest.mark.parametrize("weights", ["compact", "compact-q8", "dense"])
 def test_a_block_in_one_compiled_call_gives_the_python_blocks_bits(tmp_path, cache, kernel,
                                                                    monkeypatch, weights):
     """Decode and verify steps run each block as one compiled call (`compact.block_step`):
@@ -299,6 +299,6 @@ def test_the_kernel_source_also_compiles_without_avx512():
         pytest.skip("no g++ here")
     cmd = [compiler, "-std=c++17", "-fsyntax-only", "-march=x86-64-v3", "-fopenmp",
            "-DTORCH_EXTENSION_NAME=quant_matmul", f"-I{sysconfig.get_paths()['include']}",
-           *[f"-I{p}" for p in include_paths()], str(qk.SOURCE)]
+           *[f"-I{p}" for p in include_paths()], *[str(p) for p in qk.SOURCES]]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -263,20 +263,22 @@ def load(model: str | None = None, device: str = "cpu", dtype: str | torch.dtype
     transformers adapter) or "auto" (lean when the architecture allows). `weights`: "dense"
     (every weight dequantized to `dtype`; float32 is the reference) or "compact" (a GGUF's
     Q4_1 / Q8_0 blocks kept as they are and multiplied by weight-only kernels whose weights
-    are exactly the file's values; float32 activations, CPU). `dtype="auto"`: the fastest
+    are exactly the file's values; float32 activations, CPU) or "compact-q8" (those blocks,
+    each matmul's input rounded to int8 blocks of 32 as llama.cpp does; integer dot
+    products, AVX-512 VNNI). `dtype="auto"`: the fastest
     plan that is exact on this machine (`hasten.plans`; measured once, then cached)."""
     if isinstance(dtype, str) and dtype == "auto":
         return _load_auto(model, device, runtime, progress)
     loaded = load_backbone(model, device, dtype, runtime, progress, weights)
     result = Model(loaded.backbone, loaded.tokenizer, loaded.name, loaded.max_positions,
                    loaded.stop_ids, folder=loaded.folder)
-    if weights == "compact":
+    if weights in ("compact", "compact-q8"):
         # Other kernels than the dense model's: measurements are cached under their own name,
         # and the attention choice is measured (seconds, once per machine) rather than guessed.
         from .models.quant_kernels import kernel_name
-        result.fingerprint += f"-compact-{kernel_name()}"
+        result.fingerprint += f"-{weights}-{kernel_name()}"
         result.choose_attention(measure=read_cached(result._exactness_file(exact=True)) is None)
-        result.plan = "compact"
+        result.plan = weights
     elif _dense_on_kernels(result):
         result.choose_attention(measure=read_cached(result._exactness_file(exact=True)) is None)
         result.plan = "float32"
@@ -312,7 +314,7 @@ def _load_auto(spec: str | None, device: str, runtime: str, progress: bool) -> M
     if plan is None:
         lean = resolved.lean and runtime != "hf"
         plans = [p for p in candidates(resolved.gguf is not None, lean)
-                 if p != "compact" or device == "cpu"]
+                 if not p.startswith("compact") or device == "cpu"]
         print(f"hasten: --dtype auto: measuring {', '.join(plans)} on this machine (once)...",
               file=sys.stderr, flush=True)
         entries = {p: measure_plan(load, spec, p, device, runtime)[1] for p in plans}

@@ -5,7 +5,9 @@ A plan is how the lean runtime holds and multiplies the weights:
   - "float32": dense float32, the reference (MKL; usually not exact under speculation, see
     `decoding.exactness`);
   - "bfloat16", "float16": dense half precision (oneDNN), exact attention;
-  - "compact": the GGUF's Q4_1 / Q8_0 blocks with float32 activations (`models.compact`).
+  - "compact": the GGUF's Q4_1 / Q8_0 blocks with float32 activations (`models.compact`);
+  - "compact-q8": those blocks, each matmul's input rounded to int8 blocks (llama.cpp's
+    numerics; integer dot products on AVX-512 VNNI).
 
 `measure_plan` loads a model in a plan and reads its verify cost curve and its exactness check
 (both cached per machine under their own keys, so they are measured once). `choose` picks the
@@ -27,16 +29,16 @@ import torch
 
 from .paths import cache_root
 
-PLANS = ("float32", "bfloat16", "float16", "compact")
-AUTO_CANDIDATES = ("float32", "bfloat16", "compact")  # float16 on a CPU: emulated, slow
-PLAN_KEY = "auto-v1"  # bump when what a plan computes changes
+PLANS = ("float32", "bfloat16", "float16", "compact", "compact-q8")
+AUTO_CANDIDATES = ("float32", "bfloat16", "compact", "compact-q8")  # float16 on a CPU: emulated, slow
+PLAN_KEY = "auto-v2"  # bump when what a plan computes changes (or the candidates do)
 
 
 def plan_args(plan: str) -> dict:
     """`load` keyword arguments of a plan."""
     if plan not in PLANS:
         raise ValueError(f"unknown plan {plan!r}; choose from {', '.join(PLANS)}")
-    return {"dtype": "float32", "weights": "compact"} if plan == "compact" else \
+    return {"dtype": "float32", "weights": plan} if plan.startswith("compact") else \
         {"dtype": plan, "weights": "dense"}
 
 
@@ -90,4 +92,4 @@ def candidates(has_gguf: bool, lean: bool) -> list[str]:
     """The plans worth measuring for a model: compact only for a GGUF on the lean runtime."""
     if not lean:
         return ["float32", "bfloat16"]
-    return [p for p in AUTO_CANDIDATES if p != "compact" or has_gguf]
+    return [p for p in AUTO_CANDIDATES if not p.startswith("compact") or has_gguf]

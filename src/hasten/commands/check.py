@@ -49,7 +49,7 @@ def run(args) -> None:
         plans = [p.strip() for p in args.plans.split(",") if p.strip()]
     else:
         plans = candidates(resolved.gguf is not None, lean) + ["float16"]
-        plans = [p for p in plans if p != "compact" or args.device == "cpu"]
+        plans = [p for p in plans if not p.startswith("compact") or args.device == "cpu"]
     for plan in plans:
         t0 = time.perf_counter()
         model, entry = measure_plan(load, args.model, plan, args.device, args.runtime)
@@ -59,7 +59,7 @@ def run(args) -> None:
             entry["row_classes"] = {name: row_classes(m, trials=8, dtype=b.dtype) for name, m in (
                 ("qkv", layer.wqkv), ("gate_up", layer.w_gate_up), ("down", layer.w_down),
                 ("lm_head", b.lm_head))}
-        if plan == "compact":
+        if plan.startswith("compact"):
             from ..models.quant_kernels import kernel_failure, kernel_name
             entry["kernel"] = kernel_name() + (f" ({kernel_failure()})" if kernel_failure() else "")
         entry["seconds"] = round(time.perf_counter() - t0, 1)

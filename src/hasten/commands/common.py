@@ -26,10 +26,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", default="auto", choices=("auto", "lean", "hf"),
                    help="lean: our Llama-family runtime; hf: generic transformers adapter; "
                         "auto: lean when the architecture allows (default)")
-    p.add_argument("--weights", default="dense", choices=("dense", "compact"),
+    p.add_argument("--weights", default="dense", choices=("dense", "compact", "compact-q8"),
                    help="dense: every weight dequantized to --dtype (float32: the reference); "
                         "compact: a GGUF's Q4_1 / Q8_0 blocks kept as they are, computed by "
-                        "weight-only kernels with exactly the file's values (float32, CPU)")
+                        "weight-only kernels with exactly the file's values (float32, CPU); "
+                        "compact-q8: those blocks with each matmul's input rounded to int8 "
+                        "blocks as llama.cpp does (integer dot products; fastest on AVX-512 "
+                        "VNNI CPUs)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
 
 

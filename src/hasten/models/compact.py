@@ -29,8 +29,9 @@ from .config import LlamaConfig
 from .gguf_convert import (_ROPE_FREQS, PERMUTED_ARCHS, _dequantize, architecture, hf_tensor_name,
                            open_gguf, unpermute_rope_rows)
 from .llama import Block, Dense, LlamaModel, RMSNorm
-from .quant_kernels import (BLOCK, BLOCK_BYTES, block_matmul, can_fuse_attention, dense_matmul,
-                            NO_ROWS, dequantize_blocks, kernel_module, linear)
+from .quant_kernels import (BLOCK, BLOCK_BYTES, NO_ROWS, Q8_KIND_CODES, block_matmul,
+                            can_fuse_attention, dense_matmul, dequantize_blocks, kernel_module,
+                            linear, q8_matmul, q8_pack, q8_unpack)
 
 
 class QuantDense(nn.Module):
@@ -55,6 +56,31 @@ class QuantDense(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = block_matmul(x, self.blocks, self.kind)
+        return y if self.bias is None else y + self.bias
+
+
+class Q8Dense(QuantDense):
+    """A QuantDense whose input rows are rounded to int8 blocks of 32 before the product, as
+    llama.cpp computes (`quant_kernels.q8_matmul`: integer dot products per block, AVX-512
+    VNNI). The weights stay the file's values, in the kernel's layout (`blocks`)."""
+
+    def __init__(self, layer: QuantDense):
+        nn.Module.__init__(self)
+        self.kind, self.bias = layer.kind, layer.bias
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.register_buffer("blocks", q8_pack(layer.blocks, layer.kind, layer.in_features),
+                             persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return q8_unpack(self.blocks, self.kind, self.in_features)
+
+    @property
+    def weight_t(self) -> torch.Tensor:
+        return self.weight.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = q8_matmul(x, self.blocks, self.kind)
         return y if self.bias is None else y + self.bias
 
 
@@ -149,6 +175,9 @@ def fused_layers(block: Block) -> tuple[list[torch.Tensor], list[int]] | None:
         if type(layer) is QuantDense and layer.kind in KIND_CODES and layer.bias is None:
             weights.append(layer.blocks)
             kinds.append(KIND_CODES[layer.kind])
+        elif type(layer) is Q8Dense and layer.bias is None:
+            weights.append(layer.blocks)
+            kinds.append(Q8_KIND_CODES[layer.kind])
         elif type(layer) is KernelDense and layer.bias is None:
             weights.append(layer.w)
             kinds.append(2)
@@ -254,8 +283,16 @@ def _linear(parts: list[_Matrix], bias: torch.Tensor | None, summary: CompactSum
     return layer
 
 
-def build_compact_llama(cfg: LlamaConfig, gguf_path: str | Path) -> tuple[LlamaModel, CompactSummary]:
-    """The lean runtime (float32 activations, CPU) over the GGUF file's blocks."""
+ACTIVATIONS = ("float32", "q8")
+
+
+def build_compact_llama(cfg: LlamaConfig, gguf_path: str | Path,
+                        activations: str = "float32") -> tuple[LlamaModel, CompactSummary]:
+    """The lean runtime (CPU) over the GGUF file's blocks. `activations`: "float32" (the
+    reference's function), or "q8": every compact matmul's input rounded to int8 blocks, as
+    llama.cpp computes (`Q8Dense`); norms, attention and the KV cache stay float32."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}")
     reader = open_gguf(gguf_path)
     arch = architecture(reader)
     tensors = {hf_tensor_name(t.name): t for t in reader.tensors if t.name != _ROPE_FREQS}
@@ -296,8 +333,21 @@ def build_compact_llama(cfg: LlamaConfig, gguf_path: str | Path) -> tuple[LlamaM
         model.lm_head = _linear([embed], None, summary)  # shares the embedding's blocks
     else:
         model.lm_head = _linear([matrix("lm_head.weight")], None, summary)
+    if activations == "q8":
+        _round_activations(model)
     _kernel_runtime(model)
     return model.eval().requires_grad_(False), summary
+
+
+def _round_activations(model: LlamaModel) -> None:
+    """Every QuantDense of the blocks and the LM head as a Q8Dense, in place (the blocks in the
+    q8 kernel's layout replace the file's; a tied head packs its own copy)."""
+    for block in model.blocks:
+        for name in ("wqkv", "wo", "w_gate_up", "w_down"):
+            if type(getattr(block, name)) is QuantDense:
+                setattr(block, name, Q8Dense(getattr(block, name)))
+    if type(model.lm_head) is QuantDense:
+        model.lm_head = Q8Dense(model.lm_head)
 
 
 def _kernel_runtime(model: LlamaModel) -> None:

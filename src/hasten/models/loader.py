@@ -25,7 +25,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 RUNTIMES = ("auto", "lean", "hf")
 # "dense": every weight dequantized to the dtype (the float32 reference); "compact": the GGUF
 # file's Q4_1 / Q8_0 blocks kept as they are, float32 activations (see `compact.py`).
-WEIGHTS = ("dense", "compact")
+# "compact-q8": the same blocks, activations rounded to int8 blocks per matmul (llama.cpp's numerics).
+WEIGHTS = ("dense", "compact", "compact-q8")
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -66,16 +67,17 @@ def load_backbone(spec: str | None = None, device: str | torch.device = "cpu",
                   progress: bool = True, weights: str = "dense") -> LoadedModel:
     """Load a model by spec (see `sources.resolve_model`). `runtime`: "lean" (our Llama-family
     runtime), "hf" (the generic transformers adapter) or "auto" (lean when the architecture
-    allows). `weights`: "dense" or "compact" (a GGUF's quantized blocks, lean runtime, float32
-    on the CPU)."""
+    allows). `weights`: "dense", "compact" (a GGUF's quantized blocks, lean runtime, float32
+    on the CPU) or "compact-q8" (those blocks, activations rounded to int8 blocks)."""
     if runtime not in RUNTIMES:
         raise HastenError(f"unknown runtime {runtime!r}; choose auto, lean or hf")
     if weights not in WEIGHTS:
-        raise HastenError(f"unknown weights {weights!r}; choose dense or compact")
+        raise HastenError(f"unknown weights {weights!r}; choose {', '.join(WEIGHTS)}")
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
     resolved = resolve_model(spec, progress=progress)
-    if weights == "compact":
-        return _load_compact(resolved, torch_dtype, torch_device, runtime)
+    if weights != "dense":
+        return _load_compact(resolved, torch_dtype, torch_device, runtime,
+                             "q8" if weights == "compact-q8" else "float32")
     config = json.loads((resolved.folder / "config.json").read_text())
     if runtime == "lean" and not resolved.lean:
         raise HastenError(f"{resolved.name} ({config.get('model_type')}) is not a Llama-family "
@@ -92,7 +94,8 @@ def load_backbone(spec: str | None = None, device: str | torch.device = "cpu",
                        stop_ids(config, tokenizer), resolved.folder)
 
 
-def _load_compact(resolved, dtype: torch.dtype, device: torch.device, runtime: str) -> LoadedModel:
+def _load_compact(resolved, dtype: torch.dtype, device: torch.device, runtime: str,
+                  activations: str) -> LoadedModel:
     from .compact import build_compact_llama
 
     if resolved.gguf is None or not resolved.lean or runtime == "hf":
@@ -103,7 +106,7 @@ def _load_compact(resolved, dtype: torch.dtype, device: torch.device, runtime: s
                           "--device or use --weights dense")
     config = json.loads((resolved.folder / "config.json").read_text())
     cfg = LlamaConfig.from_hf_dict(config)
-    backbone, summary = build_compact_llama(cfg, resolved.gguf)
+    backbone, summary = build_compact_llama(cfg, resolved.gguf, activations)
     backbone.compact_summary = summary
     tokenizer = load_tokenizer(resolved.folder)
     return LoadedModel(backbone, tokenizer, resolved.name, cfg.max_position_embeddings,

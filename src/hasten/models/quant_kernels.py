@@ -32,6 +32,8 @@ from ..paths import cache_root
 BLOCK = 32  # weights per GGUF block (Q4_1, Q8_0)
 BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
 SOURCE = Path(__file__).with_name("kernels") / "quant_matmul.cpp"
+SOURCES = [SOURCE, SOURCE.with_name("q8_activations.cpp")]
+HEADERS = [SOURCE.with_name("q8_activations.h")]
 
 # -fopenmp: at::parallel_for is inline and runs serially without it (measured: 2 threads took
 # as long as 1); the extension then links the libgomp torch has already loaded.
@@ -85,7 +87,7 @@ def _build():
     if not (folder / "quant_matmul.so").exists():
         print("hasten: compiling the quantized matmul kernel for this machine (once)...",
               file=sys.stderr, flush=True)
-    return load(name="quant_matmul", sources=[str(SOURCE)], build_directory=str(folder),
+    return load(name="quant_matmul", sources=[str(s) for s in SOURCES], build_directory=str(folder),
                 extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
 
 
@@ -112,7 +114,7 @@ def kernel_name() -> str:
 
 def source_key() -> str:
     """Names one build: the kernel source, its flags, the torch version and this CPU."""
-    return hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() +
+    return hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(CFLAGS).encode() +
                           torch.__version__.encode() + _cpu_id().encode()).hexdigest()[:16]
 
 
@@ -131,6 +133,38 @@ def block_matmul(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tens
     else:
         y = torch_block_matmul(x2, blocks, kind)
     return y.reshape(*lead, blocks.shape[0])
+
+
+# Activations rounded to int8 blocks (kernels/q8_activations.cpp): the kernel's kind codes, in
+# `block_step`'s Kind numbering and in its own (0 = Q4_1, 1 = Q8_0).
+Q8_KIND_CODES = {"Q4_1": 3, "Q8_0": 4}
+_Q8_KIND = {"Q4_1": 0, "Q8_0": 1}
+
+
+def q8_pack(blocks: torch.Tensor, kind: str, in_features: int) -> torch.Tensor:
+    """GGUF blocks [N, K / 32 * bytes] -> the layout `q8_matmul` reads (the same bytes per
+    weight; a row with an odd block count gains one zero block)."""
+    return kernel_module().q8_pack(blocks.contiguous(), _Q8_KIND[kind], in_features)
+
+
+def q8_unpack(packed: torch.Tensor, kind: str, in_features: int) -> torch.Tensor:
+    """The packed layout -> float32 [N, K]: the file's dequantized weights, bit for bit."""
+    return kernel_module().q8_unpack(packed, _Q8_KIND[kind], in_features)
+
+
+def q8_matmul(x: torch.Tensor, packed: torch.Tensor, kind: str) -> torch.Tensor:
+    """x [..., K] float32 with each row rounded to int8 blocks of 32 (llama.cpp's activation
+    numerics), @ W.T for W packed by `q8_pack`. Rows never depend on the row count."""
+    lead = x.shape[:-1]
+    y = kernel_module().q8_matmul(x.reshape(-1, x.shape[-1]).float().contiguous(), packed,
+                                  _Q8_KIND[kind])
+    return y.reshape(*lead, packed.shape[0])
+
+
+def q8_fast() -> bool:
+    """Whether `q8_matmul` runs on AVX-512 VNNI here (else a correct, slow scalar loop)."""
+    module = kernel_module()
+    return module is not None and module.has_vnni()
 
 
 def dense_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

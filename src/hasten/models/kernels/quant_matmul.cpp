@@ -21,6 +21,8 @@
 #include <immintrin.h>
 #endif
 
+#include "q8_activations.h"
+
 namespace {
 
 constexpr int64_t QK = 32;         // weights per block
@@ -125,7 +127,9 @@ void tile(const float* x, int64_t ldx, int rows, const uint8_t* w, int64_t row_b
 }
 #endif
 
-enum Kind { Q4_1, Q8_0, F32 };
+// Q4_1_Q8, Q8_0_Q8: the same weights in q8_activations.cpp's layout, activations rounded to
+// int8 blocks (its matmul).
+enum Kind { Q4_1, Q8_0, F32, Q4_1_Q8, Q8_0_Q8 };
 constexpr int64_t F32_BYTES = QK * 4;
 
 // The scalar reference: weights computed as the AVX-512 path does, summed in order.
@@ -155,6 +159,7 @@ float scalar_dot(const float* x, const uint8_t* wrow, int64_t nb, Kind kind) {
 }
 
 torch::Tensor block_matmul(const torch::Tensor& x, const torch::Tensor& blocks, Kind kind) {
+  if (kind == Q4_1_Q8 || kind == Q8_0_Q8) return hasten_q8::matmul(x, blocks, kind == Q4_1_Q8 ? 0 : 1);
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
               "x must be a contiguous float32 [M, K] tensor");
   const int64_t bytes = kind == Q4_1 ? Q4_1_BYTES : kind == Q8_0 ? Q8_0_BYTES : F32_BYTES;
@@ -595,5 +600,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sign_matmul", &sign_matmul, "x [M, K] float32 @ S.T for packed sign bits [N, ceil(K/8)] -> [M, N]");
   m.def("has_avx512", &has_avx512, "whether the AVX-512 path was compiled");
   m.def("block_step", &block_step, "one exact float32 decoder block for T tokens (see above)");
+  m.def("q8_pack", &hasten_q8::pack, "GGUF blocks [N, K/32*bytes] (kind 0 Q4_1, 1 Q8_0) -> the q8 matmul's layout");
+  m.def("q8_unpack", &hasten_q8::unpack, "the q8 layout -> float32 [N, K], the file's weights");
+  m.def("q8_matmul", &hasten_q8::matmul, "x [M, K] float32, rounded to int8 blocks, @ packed W.T -> [M, N]");
+  m.def("has_vnni", &hasten_q8::has_vnni, "whether the AVX-512 VNNI path of q8_matmul was compiled");
   m.def("threaded", &threaded, "whether the kernels split work across torch's threads");
 }

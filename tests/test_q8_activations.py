@@ -1,0 +1,104 @@
+"""Compact weights with activations rounded to int8 blocks (`--weights compact-q8`, llama.cpp's
+numerics): the kernel's layout holds exactly the file's weights, its products are the exact
+dot products of those weights with the rounded activations (up to float32 rounding), its rows
+do not depend on the row count, and a model on it decodes exactly under speculation."""
+
+import pytest
+import torch
+
+import hasten
+from hasten.decoding.exactness import check_exactness
+from hasten.models import quant_kernels as qk
+from hasten.models.compact import Q8Dense, QuantDense
+from hasten.models.loader import load_backbone
+from hasten.plans import plan_args
+from test_compact import cache, file_blocks, kernel, tiny_gguf  # noqa: F401 (fixtures)
+
+# K with every tail the layout has: 1 block (padded to 2), 3 (padded to 4), 7, 16 + 2, 48.
+WIDTHS = [32, 96, 224, 576, 1536]
+
+
+def rounded(x: torch.Tensor) -> torch.Tensor:
+    """x with each row's blocks of 32 rounded as the kernel rounds them: d = max|x| / 127,
+    q = round-half-even(x * (1 / d)), back to q * d (float64, so nothing else rounds)."""
+    b = x.reshape(x.shape[0], -1, 32)
+    d = b.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = torch.round(b * inv).clamp(-127, 127)
+    return (q.double() * d.double()).reshape(x.shape)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("k", WIDTHS)
+def test_the_packed_layout_holds_the_files_weights(kernel, kind, k):
+    blocks, ref = file_blocks(kind, 19, k, seed=k)
+    packed = qk.q8_pack(blocks, kind, k)
+    assert packed.shape[1] >= blocks.shape[1]  # the same bytes per weight, plus a pad block
+    assert packed.shape[1] - blocks.shape[1] <= {"Q4_1": 20, "Q8_0": 34}[kind] + 8
+    assert torch.equal(qk.q8_unpack(packed, kind, k), ref)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("k", WIDTHS)
+def test_products_are_the_rounded_activations_dot_the_files_weights(kernel, kind, k):
+    blocks, ref = file_blocks(kind, 45, k, seed=k + 1)
+    x = torch.randn(6, k, generator=torch.Generator().manual_seed(k)) * 3
+    x[0, :32] = 0  # an all-zero block: scale 0
+    y = qk.q8_matmul(x, qk.q8_pack(blocks, kind, k), kind)
+    exact = rounded(x) @ ref.double().t()
+    scale = exact.abs().max()
+    assert (y.double() - exact).abs().max() / scale < 2e-6
+    # ...and the activations really were rounded: float32 ones give visibly other products.
+    assert (y.double() - x.double() @ ref.double().t()).abs().max() / scale > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_rows_do_not_depend_on_the_row_count(kernel, kind):
+    blocks, _ = file_blocks(kind, 150, 576, seed=5)
+    packed = qk.q8_pack(blocks, kind, 576)
+    x = torch.randn(37, 576, generator=torch.Generator().manual_seed(1))
+    alone = torch.cat([qk.q8_matmul(x[i:i + 1], packed, kind) for i in range(37)])
+    for m in (2, 3, 4, 5, 8, 9, 17, 37):
+        assert torch.equal(qk.q8_matmul(x[:m], packed, kind), alone[:m]), m
+
+
+def test_threads_change_no_bit(kernel):
+    blocks, _ = file_blocks("Q4_1", 512, 1536, seed=6)
+    packed = qk.q8_pack(blocks, "Q4_1", 1536)
+    x = torch.randn(9, 1536, generator=torch.Generator().manual_seed(2))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = qk.q8_matmul(x, packed, "Q4_1")
+        torch.set_num_threads(2)
+        assert torch.equal(qk.q8_matmul(x, packed, "Q4_1"), one)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_compact_q8_model_rounds_its_matmuls_and_decodes_exactly(tmp_path, cache, kernel):
+    _, path = tiny_gguf(tmp_path)
+    q8 = load_backbone(str(path), weights="compact-q8").backbone
+    f32 = load_backbone(str(path), weights="compact").backbone
+    assert all(type(b.wqkv) is Q8Dense and type(b.w_down) is Q8Dense for b in q8.blocks)
+    assert type(q8.lm_head) is Q8Dense and type(f32.lm_head) is QuantDense
+    assert torch.equal(q8.blocks[0].w_gate_up.weight, f32.blocks[0].w_gate_up.weight)
+    ids = torch.randint(0, q8.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(3))
+    for m in (q8, f32):
+        m.reset(capacity=64)
+    a, b = q8.forward(ids).logits, f32.forward(ids).logits
+    assert not torch.equal(a, b)  # other numerics...
+    torch.testing.assert_close(a, b, rtol=0.1, atol=0.1)  # ...of the same model
+    result = check_exactness(q8, trials=4)
+    assert result.exact, result.why
+
+
+def test_load_compact_q8_greedy_lookup_equals_plain(tmp_path, cache, kernel):
+    _, path = tiny_gguf(tmp_path)
+    model = hasten.load(str(path), weights="compact-q8", progress=False)
+    assert model.plan == "compact-q8" and model.backbone.exact
+    assert model.fingerprint.endswith("-compact-q8-" + qk.kernel_name())
+    ids = model.encode("hello hello hello", chat=False)
+    plain = list(model.generate_ids(ids, 24, ignore_eos=True))
+    assert list(model.generate_ids(ids, 24, ignore_eos=True, draft="lookup", tree_size=4)) == plain
+    assert plan_args("compact-q8") == {"dtype": "float32", "weights": "compact-q8"}
