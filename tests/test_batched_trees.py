@@ -310,20 +310,21 @@ def test_draft_model_drafters_forked_per_sequence_keep_their_own_caches():
 
 
 def test_compiled_kernels_attend_the_whole_step_in_one_call_with_solo_answers(tmp_path, monkeypatch):
-    """Compact weights (and dense float32 on AVX-512) run each block of a step in one compiled
-    call (`compact.block_step`: attention included): every token of the step, roots and tree
-    nodes of every sequence, each over its own cache row in its solo plan's key order; answers
-    equal solo plain decoding."""
+    """Compact weights (and dense float32 on AVX-512) run every block of a step in one
+    compiled call (`compact.run_fused_blocks`: attention included): every token of the step,
+    roots and tree nodes of every sequence, each over its own cache row in its solo plan's key
+    order; answers equal solo plain decoding."""
     from hasten.models import compact
     from test_batched import compact_exact_model
 
     model = compact_exact_model(tmp_path, monkeypatch)
     calls = []
 
-    def counted(block, layers, x, *args, **kwargs):
-        calls.append(x.shape[0])
-        return compact.block_step(block, layers, x, *args, **kwargs)
-    monkeypatch.setattr("hasten.decoding.batched.block_step", counted)
+    def counted(m, x, *args, **kwargs):
+        out = compact.run_fused_blocks(m, x, *args, **kwargs)
+        calls.append(x.shape[0] if out is not None else 0)
+        return out
+    monkeypatch.setattr("hasten.decoding.batched.run_fused_blocks", counted)
     ps = [p[:40] for p in prompts(4)]
     solo = [list(generate_plain(model, p, 40)) for p in ps]
     drafters = [Oracle(ps[0], solo[0]), LookupDrafter(), Wrong(ps[2], solo[2]), None]

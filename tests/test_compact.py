@@ -251,24 +251,28 @@ def test_linear_uses_the_kernel_at_inference_and_torch_under_autograd(kernel):
 @pytest.mark.parametrize("weights", ["compact", "compact-q8", "dense"])
 def test_a_block_in_one_compiled_call_gives_the_python_blocks_bits(tmp_path, cache, kernel,
                                                                    monkeypatch, weights):
-    """Decode and verify steps run each block as one compiled call (`compact.block_step`):
-    the same kernels and ops in the same order as the Python block, so the same logits bit
-    for bit, compact and dense float32 alike (the batched decoder's use of it is checked
-    against solo answers in test_batched_trees)."""
+    """Decode and verify steps run every block in one compiled call (`run_fused_blocks`), or
+    each block as one (`compact.block_step`, where some block cannot join): the same kernels
+    and ops in the same order as the Python block, so the same logits bit for bit, compact
+    and dense float32 alike (the batched decoder's use of it is checked against solo answers
+    in test_batched_trees)."""
     from hasten.models import compact
     if not kernel.has_avx512():
         pytest.skip("the dense float32 model stays on MKL without AVX-512")
     _, path = tiny_gguf(tmp_path)
     model = hasten.load(str(path), weights=weights, progress=False)
     b = model.backbone
-    assert b.exact and b.fused_attention
-    calls = []
-    fused = compact.block_step
+    assert b.exact and b.fused_attention and b.run_blocks is compact.run_fused_blocks
+    stacks, blocks = [], []
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return fused(*args, **kwargs)
-    monkeypatch.setattr(compact, "block_step", counted)
+    def counted(calls, fn):
+        def call(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            calls.append(out is not None)
+            return out
+        return call
+    b.run_blocks = counted(stacks, compact.run_fused_blocks)
+    monkeypatch.setattr(compact, "block_step", counted(blocks, compact.block_step))
     ids = torch.tensor([[5, 9, 11, 40, 3, 7, 21, 8, 30, 2]])
 
     def run():
@@ -278,11 +282,22 @@ def test_a_block_in_one_compiled_call_gives_the_python_blocks_bits(tmp_path, cac
             one = b.forward(ids[:, 6:7]).logits; b.commit()  # a plain step
             tree = b.forward(ids[:, 7:10]).logits; b.commit()  # a chain verify
         return one, tree
-    with_calls = run()
-    assert len(calls) == 2 * len(b.blocks)  # the prefill stays on SDPA
+    all_at_once = run()
+    assert stacks == [True, True] and not blocks  # the prefill stays on SDPA
+    b.run_blocks = None
+    one_by_one = run()
+    assert len(blocks) == 2 * len(b.blocks)
     monkeypatch.setattr(compact, "fused_layers", lambda block: None)
     python = run()
-    assert all(torch.equal(f, p) for f, p in zip(with_calls, python))
+    for got in (all_at_once, one_by_one):
+        assert all(torch.equal(f, p) for f, p in zip(got, python))
+    b.run_blocks, stacks[:] = counted(stacks, compact.run_fused_blocks), []
+    # A layer the kernel cannot take (as BitDelta's are) swapped in after loading: the cached
+    # stack is noticed stale, run_fused_blocks declines and the Python blocks run.
+    b.blocks[0].wo = torch.nn.Sequential(b.blocks[0].wo)
+    declined = run()
+    assert stacks == [False, False]
+    assert all(torch.equal(f, p) for f, p in zip(declined, python))
 
 
 def test_the_kernel_source_also_compiles_without_avx512():

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ContextFullError
-from ..models.compact import block_step, fused_layers
+from ..models.compact import block_step, fused_layers, run_fused_blocks
 from ..models.exact_attention import BLOCK, _block_partials  # the same block arithmetic
 from ..models.exact_attention import exact_attention, plan_keys
 from ..models.llama import LlamaModel, rope_inv_freq
@@ -240,7 +240,12 @@ class BatchedDecoder:
         x = m.embed(step.tokens[:, None])  # [T, 1, d]: every token its own batch row
         fused = self._fused_keys(step) if m.exact and m.fused_attention else None
         tree_seconds = 0.0
-        for i, block in enumerate(m.blocks):
+        every = None  # all blocks in one compiled call where they allow: the same bits
+        if fused is not None and not step.pad:
+            every = run_fused_blocks(m, x, cos, sin, self.k, self.v, *fused,
+                                     write_rows=step.rows, write_slots=step.slots)
+        x = x if every is None else every
+        for i, block in enumerate(m.blocks if every is None else ()):
             layers = fused_layers(block) if fused is not None and not step.pad else None
             if layers is not None:  # the whole block in one compiled call, the same bits
                 x = block_step(block, layers, x, cos, sin, self.k[i], self.v[i], *fused,

@@ -205,6 +205,46 @@ def block_step(block: Block, layers, x: torch.Tensor, cos: torch.Tensor, sin: to
     return out.reshape(x.shape)
 
 
+def fused_stack(model: LlamaModel) -> tuple[list, list, list, list] | None:
+    """(attention norms, MLP norms, weights, kinds) of every block, where all of them can run
+    in one compiled call (`fused_layers` of each); None otherwise. Cached on the model and
+    checked against the blocks' current modules: BitDelta swaps layers of a loaded model."""
+    key = tuple(m for b in model.blocks for m in (b, *b._modules.values()))
+    cached = model.__dict__.get("_fused_stack")
+    if cached is not None and len(cached[0]) == len(key) and \
+            all(a is b for a, b in zip(cached[0], key)):
+        return cached[1]
+    stack = None
+    parts = [fused_layers(b) for b in model.blocks]
+    if all(p is not None for p in parts) and len({b.attn_norm.eps for b in model.blocks} |
+                                                  {b.mlp_norm.eps for b in model.blocks}) == 1:
+        stack = ([b.attn_norm.weight for b in model.blocks], [b.mlp_norm.weight for b in model.blocks],
+                 [w for ws, _ in parts for w in ws], [k for _, ks in parts for k in ks])
+    model.__dict__["_fused_stack"] = (key, stack)
+    return stack
+
+
+def run_fused_blocks(model: LlamaModel, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     k_all: torch.Tensor, v_all: torch.Tensor, slots: torch.Tensor,
+                     counts: torch.Tensor, rows: torch.Tensor = NO_ROWS,
+                     write_rows: torch.Tensor = NO_ROWS, write_slots: torch.Tensor = NO_ROWS,
+                     start: int = 0) -> torch.Tensor | None:
+    """Every block of `model` over a step's tokens in one compiled call (`block_step` of each
+    in turn, the same bits), caches [L, R, KV, capacity, hd]; None where some block cannot
+    (the caller then runs them one by one). Arguments as for `block_step`."""
+    stack = fused_stack(model)
+    if stack is None:
+        return None
+    b0 = model.blocks[0]
+    d = x.shape[-1]
+    out = kernel_module().blocks_step(
+        x.reshape(-1, d).contiguous(), stack[0], stack[1], b0.attn_norm.eps, stack[2], stack[3],
+        cos.reshape(-1, b0.hd).contiguous(), sin.reshape(-1, b0.hd).contiguous(), b0.n_heads,
+        b0.n_kv, b0.hd, k_all, v_all, write_rows, write_slots, start, slots, counts, rows,
+        b0.hd ** -0.5)
+    return out.reshape(x.shape)
+
+
 def _fuse_row_ops(model: LlamaModel) -> None:
     """Norms and rotary through the compiled kernels, where they are built (a class swap: the
     modules keep their weights and names)."""
@@ -360,6 +400,7 @@ def _kernel_runtime(model: LlamaModel) -> None:
     model.fused_attention = can_fuse_attention(cfg.head_dim, torch.float32)
     if model.fused_attention and cfg.hidden_size % 16 == 0:
         _fuse_row_ops(model)
+        model.run_blocks = run_fused_blocks
 
 
 def can_run_dense_on_kernels(model) -> bool:

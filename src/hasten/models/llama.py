@@ -167,6 +167,10 @@ class LlamaModel(nn.Module):
         # instead of blocked torch ops: other bits, the same for plain and verify; needs
         # share_past_blocks False. Compact weights turn it on where the kernel builds.
         self.fused_attention = False
+        # (model, x, cos, sin, k, v, slots, counts, start=) -> x after every block, or None:
+        # all blocks of a fused-attention step in one compiled call (`compact.run_fused_blocks`,
+        # set with the kernels; the same bits as the blocks one by one).
+        self.run_blocks = None
 
     # The final norm's weight, not the embedding's: compact weights keep the embedding as
     # quantized blocks (see `compact.py`) but always compute in the norm's dtype.
@@ -292,8 +296,15 @@ class LlamaModel(nn.Module):
         if mask is not None:
             mask = mask.unsqueeze(1)  # one mask for all heads
         x = self.embed(input_ids)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, self._k[i], self._v[i], start, mask, plan)
+        y = None
+        if self.run_blocks is not None and plan is not None and plan.counts is not None and b == 1:
+            y = self.run_blocks(self, x, cos, sin, self._k, self._v, plan.tail_slots,
+                                plan.counts, start=start)
+        if y is not None:
+            x = y
+        else:
+            for i, block in enumerate(self.blocks):
+                x = block(x, cos, sin, self._k[i], self._v[i], start, mask, plan)
         hidden = self.norm(x)
         logits = self.lm_head(hidden[:, -1:] if last_only else hidden)
         self._pending = t

@@ -577,6 +577,33 @@ torch::Tensor block_step(const torch::Tensor& x, const torch::Tensor& attn_norm,
   return h1 + mm(at::silu(gu[0]) * gu[1], 3);
 }
 
+// Every decoder block of a step, one after another, in one call (`block_step` per block, the
+// same bits): the Python per block is what a small model's step otherwise pays. Block l gets
+// norms attn_norms[l] / mlp_norms[l], weights w[4l..4l+3] (kinds likewise) and the caches'
+// layer l (k_all, v_all [L, R, KV, cap, hd]).
+torch::Tensor blocks_step(const torch::Tensor& x, const std::vector<torch::Tensor>& attn_norms,
+                          const std::vector<torch::Tensor>& mlp_norms, double eps,
+                          const std::vector<torch::Tensor>& w, const std::vector<int64_t>& kinds,
+                          const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads,
+                          int64_t kv_heads, int64_t hd, const torch::Tensor& k_all,
+                          const torch::Tensor& v_all, const torch::Tensor& write_rows,
+                          const torch::Tensor& write_slots, int64_t start, const torch::Tensor& slots,
+                          const torch::Tensor& counts, const torch::Tensor& rows, double scale) {
+  const size_t L = attn_norms.size();
+  TORCH_CHECK(mlp_norms.size() == L && w.size() == 4 * L && kinds.size() == 4 * L &&
+              k_all.dim() == 5 && k_all.size(0) == static_cast<int64_t>(L) && v_all.sizes() == k_all.sizes(),
+              "one norm pair, four weights and one cache layer per block");
+  torch::Tensor h = x;
+  for (size_t l = 0; l < L; ++l) {
+    const std::vector<torch::Tensor> wl(w.begin() + 4 * l, w.begin() + 4 * l + 4);
+    const std::vector<int64_t> kl(kinds.begin() + 4 * l, kinds.begin() + 4 * l + 4);
+    h = block_step(h, attn_norms[l], mlp_norms[l], eps, wl, kl, cos, sin, heads, kv_heads, hd,
+                   k_all.select(0, l), v_all.select(0, l), write_rows, write_slots, start, slots,
+                   counts, rows, scale);
+  }
+  return h;
+}
+
 // Whether at::parallel_for can split work here: it is inline and runs serially unless the
 // extension itself was compiled with OpenMP.
 bool threaded() {
@@ -604,5 +631,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_unpack", &hasten_q8::unpack, "the q8 layout -> float32 [N, K], the file's weights");
   m.def("q8_matmul", &hasten_q8::matmul, "x [M, K] float32, rounded to int8 blocks, @ packed W.T -> [M, N]");
   m.def("has_vnni", &hasten_q8::has_vnni, "whether the AVX-512 VNNI path of q8_matmul was compiled");
+  m.def("blocks_step", &blocks_step, "every decoder block of a step in one call (block_step each)");
   m.def("threaded", &threaded, "whether the kernels split work across torch's threads");
 }
