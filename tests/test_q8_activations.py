@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import hasten
+import hasten.plans
 from hasten.decoding.exactness import check_exactness
 from hasten.models import quant_kernels as qk
 from hasten.models.compact import Q8Dense, QuantDense
@@ -102,3 +103,12 @@ def test_load_compact_q8_greedy_lookup_equals_plain(tmp_path, cache, kernel):
     plain = list(model.generate_ids(ids, 24, ignore_eos=True))
     assert list(model.generate_ids(ids, 24, ignore_eos=True, draft="lookup", tree_size=4)) == plain
     assert plan_args("compact-q8") == {"dtype": "float32", "weights": "compact-q8"}
+
+
+def test_compact_q8_says_what_to_do_where_the_kernel_cannot_be_built(tmp_path, cache, monkeypatch):
+    from hasten.errors import HastenError
+    _, path = tiny_gguf(tmp_path)
+    monkeypatch.setattr(qk, "kernel_module", lambda: None)
+    with pytest.raises(HastenError, match="use --weights compact"):
+        load_backbone(str(path), weights="compact-q8")
+    assert "compact-q8" not in hasten.plans.candidates(has_gguf=True, lean=True)

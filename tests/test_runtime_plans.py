@@ -8,6 +8,7 @@ import pytest
 import hasten
 from hasten import plans
 from hasten.commands import main
+from hasten.models import quant_kernels as qk
 from test_compact import kernel, tiny_gguf  # noqa: F401  (kernel: built before a test moves the cache)
 
 
@@ -27,7 +28,9 @@ def test_plan_args_and_candidates():
     assert plans.plan_args("bfloat16") == {"dtype": "bfloat16", "weights": "dense"}
     with pytest.raises(ValueError):
         plans.plan_args("int3")
-    assert plans.candidates(has_gguf=True, lean=True) == ["float32", "bfloat16", "compact"]
+    q8 = ["compact-q8"] if qk.kernel_module() is not None else []
+    assert plans.candidates(has_gguf=True, lean=True) == ["float32", "bfloat16", "compact", *q8]
+    assert plans.plan_args("compact-q8") == {"dtype": "float32", "weights": "compact-q8"}
     assert plans.candidates(has_gguf=False, lean=True) == ["float32", "bfloat16"]
     assert plans.candidates(has_gguf=True, lean=False) == ["float32", "bfloat16"]
 
@@ -44,7 +47,7 @@ def test_auto_measures_once_then_reads_the_cached_choice(tmp_path, kernel, cache
     files = list((cache / "plans").glob(f"{plans.PLAN_KEY}-*.json"))
     assert len(files) == 1
     saved = json.loads(files[0].read_text())
-    assert set(saved["plans"]) == {"float32", "bfloat16", "compact"}
+    assert set(saved["plans"]) == {"float32", "bfloat16", "compact", "compact-q8"}
     assert model.plan == saved["choice"] == plans.choose(saved["plans"])
     measured = []
     monkeypatch.setattr(plans, "measure_plan", lambda *a, **k: measured.append(a))

@@ -89,7 +89,10 @@ def read_choice(path: Path) -> str | None:
 
 
 def candidates(has_gguf: bool, lean: bool) -> list[str]:
-    """The plans worth measuring for a model: compact only for a GGUF on the lean runtime."""
+    """The plans worth measuring for a model: compact only for a GGUF on the lean runtime,
+    compact-q8 only where its kernel builds (it has no pure-torch fallback)."""
     if not lean:
         return ["float32", "bfloat16"]
-    return [p for p in AUTO_CANDIDATES if not p.startswith("compact") or has_gguf]
+    from .models.quant_kernels import kernel_module
+    return [p for p in AUTO_CANDIDATES if not p.startswith("compact") or
+            (has_gguf and (p == "compact" or kernel_module() is not None))]

@@ -101,6 +101,11 @@ def _load_compact(resolved, dtype: torch.dtype, device: torch.device, runtime: s
     if resolved.gguf is None or not resolved.lean or runtime == "hf":
         raise HastenError("--weights compact needs a Llama-family GGUF file on the lean runtime "
                           f"({resolved.name} is not one); use --weights dense")
+    if activations == "q8":
+        from .quant_kernels import kernel_failure, kernel_module
+        if kernel_module() is None:
+            raise HastenError("--weights compact-q8 runs on the compiled kernel, which cannot be "
+                              f"built here ({kernel_failure()}); use --weights compact")
     if dtype != torch.float32 or device.type != "cpu":
         raise HastenError("--weights compact computes in float32 on the CPU; drop --dtype / "
                           "--device or use --weights dense")
