@@ -23,6 +23,7 @@
 // every output is one fixed sequence of operations over its row of x and of W, whatever the
 // row count, the tiling or the threads.
 #include "q8_activations.h"
+#include "schedule.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -425,35 +426,26 @@ torch::Tensor matmul(const torch::Tensor& x, const torch::Tensor& packed, int64_
   auto y = torch::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = packed.data_ptr<uint8_t>();
-  // As in quant_matmul.cpp: threads split N where each gets enough work; chunks of 64 weight
-  // rows stay in L2 while every row tile (up to 4 rows, balanced) passes over them.
+  // Threads get ~512k multiply-adds at least; row tiles of up to 4 rows (`schedule.h`).
   const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 19) / std::max<int64_t>(1, K * M));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    constexpr int64_t CHUNK = 64;
-    for (int64_t c0 = n0; c0 < n1; c0 += CHUNK) {
-      const int64_t c1 = std::min(n1, c0 + CHUNK);
-      const int64_t count = (M + 3) / 4;
-      for (int64_t t = 0, r0 = 0, rows = 0; t < count; ++t, r0 += rows) {
-        rows = M / count + (t < M % count);
+  hasten_kernels::over_tiles(M, N, grain, 4, [&](int64_t c0, int64_t c1, int64_t r0, int64_t rows, bool next_chunk) {
 #if defined(HASTEN_VNNI)
-        const int64_t ahead = r0 == 0 && c1 + CHUNK <= n1 ? CHUNK * row_bytes : 0;
-        if (kind == Q4_1)
-          tiles<true>(static_cast<int>(rows), xq.data() + r0 * ldq, ldq, dx.data() + r0 * lds,
-                      sx.data() + r0 * lds, cx.data() + r0 * lds, lds, wp, row_bytes, groups, c0,
-                      c1, yp + r0 * N, N, ahead);
-        else
-          tiles<false>(static_cast<int>(rows), xq.data() + r0 * ldq, ldq, dx.data() + r0 * lds,
-                       sx.data() + r0 * lds, cx.data() + r0 * lds, lds, wp, row_bytes, groups, c0,
-                       c1, yp + r0 * N, N, ahead);
+    const int64_t ahead = next_chunk ? hasten_kernels::CHUNK * row_bytes : 0;
+    if (kind == Q4_1)
+      tiles<true>(static_cast<int>(rows), xq.data() + r0 * ldq, ldq, dx.data() + r0 * lds,
+                  sx.data() + r0 * lds, cx.data() + r0 * lds, lds, wp, row_bytes, groups, c0,
+                  c1, yp + r0 * N, N, ahead);
+    else
+      tiles<false>(static_cast<int>(rows), xq.data() + r0 * ldq, ldq, dx.data() + r0 * lds,
+                   sx.data() + r0 * lds, cx.data() + r0 * lds, lds, wp, row_bytes, groups, c0,
+                   c1, yp + r0 * N, N, ahead);
 #else
-        for (int64_t n = c0; n < c1; ++n)
-          for (int64_t r = r0; r < r0 + rows; ++r)
-            yp[r * N + n] = scalar_dot(kind, xq.data() + r * ldq, dx.data() + r * lds,
-                                       sx.data() + r * lds, cx.data() + r * lds,
-                                       wp + n * row_bytes, groups);
+    for (int64_t n = c0; n < c1; ++n)
+      for (int64_t r = r0; r < r0 + rows; ++r)
+        yp[r * N + n] = scalar_dot(kind, xq.data() + r * ldq, dx.data() + r * lds,
+                                   sx.data() + r * lds, cx.data() + r * lds,
+                                   wp + n * row_bytes, groups);
 #endif
-      }
-    }
   });
   return y;
 }

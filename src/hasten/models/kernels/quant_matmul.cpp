@@ -22,6 +22,7 @@
 #endif
 
 #include "q8_activations.h"
+#include "schedule.h"
 
 namespace {
 
@@ -177,40 +178,29 @@ torch::Tensor block_matmul(const torch::Tensor& x, const torch::Tensor& blocks, 
   const uint8_t* wp = static_cast<const uint8_t*>(blocks.data_ptr());
   float* yp = y.data_ptr<float>();
   const int64_t row_bytes = nb * bytes;
-  // Split N across threads only where each thread gets enough work (~256k multiply-adds):
-  // waking threads costs more than a small layer (and far more on a busy machine). Chunks of
-  // 64 weight rows stay in L2 while every row tile passes over them.
+  // Threads get ~256k multiply-adds at least (`schedule.h`). Tiles of up to 8 rows x 2-8
+  // weight rows, one accumulator per output (a tile's loads feed twice the multiply-adds of
+  // two: Q4_1 one token 8.0 -> 7.5 ms); up to 8 rows in one pass over the weights: 8 rows f32
+  // 1.35x -> 1.26x one row (2 threads).
   const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 18) / std::max<int64_t>(1, K * M));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    constexpr int64_t CHUNK = 64;
-    for (int64_t c0 = n0; c0 < n1; c0 += CHUNK) {
-      const int64_t c1 = std::min(n1, c0 + CHUNK);
-      // Tiles of up to 8 rows x 2-8 weight rows, one accumulator per output (a tile's loads
-      // feed twice the multiply-adds of two: Q4_1 one token 8.0 -> 7.5 ms), balanced: 9 rows
-      // as 5 + 4, not 8 + 1 (a one-row tile dequantizes the weights again for one row). Up to
-      // 8 rows in one pass over the weights: 8 rows f32 1.35x -> 1.26x one row (2 threads).
-      const int64_t tiles = (M + 7) / 8;
-      for (int64_t t = 0, r0 = 0, rows = 0; t < tiles; ++t, r0 += rows) {
-        rows = M / tiles + (t < M % tiles);
+  hasten_kernels::over_tiles(M, N, grain, 8, [&](int64_t c0, int64_t c1, int64_t r0, int64_t rows, bool next_chunk) {
 #if defined(__AVX512F__)
-        // The first row tile fetches the next chunk (this thread's, if it has one): with 2+
-        // rows, a verify of 9 went 1.6x -> 1.35x one row (2 threads); for blocks, one row
-        // too (the Q8_0 LM head 1.74 -> 0.43 ms: the hardware prefetcher does not follow its
-        // 34-byte blocks). Dense float32 rows alone stream as fast without it.
-        const int64_t ahead = (M >= 2 || kind != F32) && r0 == 0 && c1 + CHUNK <= n1 ? CHUNK * row_bytes : 0;
-        if (kind == Q4_1)
-          tile<dequant_q4_1, Q4_1_BYTES>(xp + r0 * K, K, static_cast<int>(rows), wp, row_bytes, c0, c1, nb, yp + r0 * N, N, ahead);
-        else if (kind == Q8_0)
-          tile<dequant_q8_0, Q8_0_BYTES>(xp + r0 * K, K, static_cast<int>(rows), wp, row_bytes, c0, c1, nb, yp + r0 * N, N, ahead);
-        else
-          tile<load_f32, F32_BYTES>(xp + r0 * K, K, static_cast<int>(rows), wp, row_bytes, c0, c1, nb, yp + r0 * N, N, ahead);
+    // The first row tile fetches the next chunk: with 2+ rows, a verify of 9 went 1.6x
+    // -> 1.35x one row (2 threads); for blocks, one row too (the Q8_0 LM head 1.74 ->
+    // 0.43 ms: the hardware prefetcher does not follow its 34-byte blocks). Dense float32
+    // rows alone stream as fast without it.
+    const int64_t ahead = (M >= 2 || kind != F32) && next_chunk ? hasten_kernels::CHUNK * row_bytes : 0;
+    if (kind == Q4_1)
+      tile<dequant_q4_1, Q4_1_BYTES>(xp + r0 * K, K, static_cast<int>(rows), wp, row_bytes, c0, c1, nb, yp + r0 * N, N, ahead);
+    else if (kind == Q8_0)
+      tile<dequant_q8_0, Q8_0_BYTES>(xp + r0 * K, K, static_cast<int>(rows), wp, row_bytes, c0, c1, nb, yp + r0 * N, N, ahead);
+    else
+      tile<load_f32, F32_BYTES>(xp + r0 * K, K, static_cast<int>(rows), wp, row_bytes, c0, c1, nb, yp + r0 * N, N, ahead);
 #else
-        for (int64_t n = c0; n < c1; ++n)
-          for (int64_t r = 0; r < rows; ++r)
-            yp[(r0 + r) * N + n] = scalar_dot(xp + (r0 + r) * K, wp + n * row_bytes, nb, kind);
+    for (int64_t n = c0; n < c1; ++n)
+      for (int64_t r = 0; r < rows; ++r)
+        yp[(r0 + r) * N + n] = scalar_dot(xp + (r0 + r) * K, wp + n * row_bytes, nb, kind);
 #endif
-      }
-    }
   });
   return y;
 }
