@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <vector>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define HASTEN_VNNI 1
@@ -114,6 +115,26 @@ RowLayout row_layout(const std::vector<Group>& groups) {
     }
   }
   return out;
+}
+
+// Both layouts of one (K, kind), built once per thread and kept: a step makes ~120 matmuls
+// over a few shapes, and building them per call cost about a microsecond each.
+struct Layout {
+  std::vector<Group> groups;
+  int64_t row_bytes;
+  RowLayout rows;
+};
+
+const Layout& layout_of(int64_t K, int64_t kind) {
+  thread_local std::deque<std::pair<int64_t, Layout>> known;  // deque: references stay valid
+  const int64_t key = 2 * K + kind;
+  for (const auto& entry : known)
+    if (entry.first == key) return entry.second;
+  Layout made;
+  made.groups = groups_of(K, kind, &made.row_bytes);
+  made.rows = row_layout(made.groups);
+  known.emplace_back(key, std::move(made));
+  return known.back().second;
 }
 
 // One row of activations rounded to int8 blocks (d = max|x| / 127, q = round-to-even(x / d))
@@ -406,8 +427,9 @@ torch::Tensor matmul(const torch::Tensor& x, const torch::Tensor& packed, int64_
               "x must be a contiguous float32 [M, K] tensor");
   const int64_t M = x.size(0), K = x.size(1);
   check_kind(kind, K);
-  int64_t row_bytes;
-  const auto groups = groups_of(K, kind, &row_bytes);
+  const Layout& plan = layout_of(K, kind);
+  const std::vector<Group>& groups = plan.groups;
+  const int64_t row_bytes = plan.row_bytes;
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 2 && packed.is_contiguous() &&
               packed.size(1) == row_bytes, "packed weights [N, ", row_bytes, "] for K = ", K,
               " expected (hasten_q8 pack of the same K)");
@@ -417,7 +439,7 @@ torch::Tensor matmul(const torch::Tensor& x, const torch::Tensor& packed, int64_
   std::vector<float> dx(M * lds), sx(M * lds);
   std::vector<int32_t> cx(M * lds);
   const float* xp = x.data_ptr<float>();
-  const RowLayout layout = row_layout(groups);
+  const RowLayout& layout = plan.rows;
   at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       quantize_row(xp + r * K, K, layout, xq.data() + r * ldq, dx.data() + r * lds,
