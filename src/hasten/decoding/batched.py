@@ -402,7 +402,7 @@ def row_count_invariant(model: LlamaModel, rows: int) -> list[list[int]] | None:
     if len(sizes) < 2:
         return None
     block = model.blocks[0]
-    for dense in (block.wqkv, block.wo, block.w_gate_up, block.w_down, model.lm_head):
+    for dense in [getattr(block, name) for name in block.LINEARS] + [model.lm_head]:
         dense = getattr(dense, "base", dense)  # a layer wrapped by BitDelta: its base
         classes = row_classes(dense, tuple(sizes), trials=4, dtype=model.dtype)  # its own kernel
         if len(classes) > 1:

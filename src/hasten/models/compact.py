@@ -171,7 +171,7 @@ def fused_layers(block: Block) -> tuple[list[torch.Tensor], list[int]] | None:
             type(block.mlp_norm) is not FusedRMSNorm:
         return None
     weights, kinds = [], []
-    for layer in (block.wqkv, block.wo, block.w_gate_up, block.w_down):
+    for layer in (getattr(block, name) for name in Block.LINEARS):
         if type(layer) is QuantDense and layer.kind in KIND_CODES and layer.bias is None:
             weights.append(layer.blocks)
             kinds.append(KIND_CODES[layer.kind])
@@ -383,7 +383,7 @@ def _round_activations(model: LlamaModel) -> None:
     """Every QuantDense of the blocks and the LM head as a Q8Dense, in place (the blocks in the
     q8 kernel's layout replace the file's; a tied head packs its own copy)."""
     for block in model.blocks:
-        for name in ("wqkv", "wo", "w_gate_up", "w_down"):
+        for name in Block.LINEARS:
             if type(getattr(block, name)) is QuantDense:
                 setattr(block, name, Q8Dense(getattr(block, name)))
     if type(model.lm_head) is QuantDense:
@@ -418,7 +418,7 @@ def dense_on_kernels(model: LlamaModel) -> LlamaModel:
     """`model` (dense float32) with every block linear and the LM head as `KernelDense`, and
     norms, rotary and exact attention compiled, in place."""
     for block in model.blocks:
-        for name in ("wqkv", "wo", "w_gate_up", "w_down"):
+        for name in Block.LINEARS:
             setattr(block, name, KernelDense(getattr(block, name)))
     tied = model.embed.weight if model.config.tie_word_embeddings else None
     if tied is not None and not torch.equal(tied, model.lm_head.weight):

@@ -91,6 +91,9 @@ class Dense(nn.Module):
 
 
 class Block(nn.Module):
+    # Its linear layers, in the order a block computes them (and `block_step` takes them).
+    LINEARS = ("wqkv", "wo", "w_gate_up", "w_down")
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim

@@ -161,12 +161,6 @@ def q8_matmul(x: torch.Tensor, packed: torch.Tensor, kind: str) -> torch.Tensor:
     return y.reshape(*lead, packed.shape[0])
 
 
-def q8_fast() -> bool:
-    """Whether `q8_matmul` runs on AVX-512 VNNI here (else a correct, slow scalar loop)."""
-    module = kernel_module()
-    return module is not None and module.has_vnni()
-
-
 def dense_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., K] float32 @ W.T for dense float32 W [N, K], by the compiled kernel (rows
     independent of the row count); callers check `kernel_module()` first."""
