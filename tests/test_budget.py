@@ -1,7 +1,9 @@
+import json
+
 import pytest
 import torch
 
-from hasten.decoding.budget import (AdaptiveTreeSize, CalibratedTreeSize, ProbeSchedule, CostCurve, best_size,
+from hasten.decoding.budget import (SIZES, AdaptiveTreeSize, CalibratedTreeSize, ProbeSchedule, CostCurve, best_size,
                                     cached_cost_curve, expected_gain, fastest_size,
                                     measure_cost_curve)
 from hasten.decoding.engine import generate_speculative
@@ -64,8 +66,26 @@ def test_measured_curve_and_cache(tmp_path):
     assert curve.seconds == sorted(curve.seconds)  # never cheaper to verify more
     first = cached_cost_curve(model, "tiny", tmp_path)
     assert (tmp_path / "tiny.json").exists()
-    again = cached_cost_curve(model, "tiny", tmp_path)
+    again = cached_cost_curve(model, "tiny", tmp_path, stale=lambda backbone, curve: False)
     assert again.seconds == first.seconds  # read back, not re-measured
+
+
+def test_a_curve_cached_under_load_is_measured_again(tmp_path):
+    model, _ = tiny_pair()
+    path = tmp_path / "tiny.json"
+    sizes = list(SIZES)
+    # Cached at 10 s per verify: far slower than any machine runs the tiny model.
+    path.write_text(json.dumps({"sizes": sizes, "seconds": [10.0 + n for n in sizes]}))
+    fresh = cached_cost_curve(model, "tiny", tmp_path)
+    assert fresh.seconds[0] < 1.0 and fresh.seconds == sorted(fresh.seconds)
+    assert json.loads(path.read_text())["seconds"] == fresh.seconds  # saved for next time
+    # Cached faster than now (a quieter moment): kept, since load only ever adds time.
+    quiet = [1e-9 * (n + 1) for n in sizes]
+    path.write_text(json.dumps({"sizes": sizes, "seconds": quiet}))
+    assert cached_cost_curve(model, "tiny", tmp_path).seconds == quiet
+    # A check that finds it stale merges: each size keeps the lower time.
+    merged = cached_cost_curve(model, "tiny", tmp_path, stale=lambda backbone, curve: True)
+    assert merged.seconds == quiet
 
 
 def test_adaptive_generation_still_matches_plain():
