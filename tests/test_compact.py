@@ -139,13 +139,16 @@ def test_compact_refuses_what_it_cannot_do(tmp_path, cache, tiny_folder):
         load_backbone(str(path), dtype="bfloat16", weights="compact")
 
 
-def test_logical_attention_depends_on_a_querys_own_keys_only(kernel):
+@pytest.mark.parametrize("heads,kv,d", [(6, 2, 32), (9, 3, 64), (4, 1, 128)])
+def test_logical_attention_depends_on_a_querys_own_keys_only(kernel, heads, kv, d):
     """The compiled float32 attention: one query's output is the same bits alone or among
-    others, wherever its keys sit in the cache, and close to softmax(q k) v."""
+    others, wherever its keys sit in the cache, and close to softmax(q k) v. Shapes: two with
+    a register-resident loop (head sizes 32 and 64, the default model's 9 heads over 3), one
+    on the general loop."""
     from hasten.models.exact_attention import plan_keys
     from hasten.models.quant_kernels import logical_attention
     g = torch.Generator().manual_seed(0)
-    heads, kv, d, start, t = 6, 2, 32, 70, 5
+    start, t = 70, 5
     q = torch.randn(1, heads, t, d, generator=g)
     k, v = torch.randn(1, kv, 96, d, generator=g), torch.randn(1, kv, 96, d, generator=g)
     mask = torch.ones(t, start + t, dtype=torch.bool)

@@ -217,6 +217,88 @@ torch::Tensor f32_matmul(const torch::Tensor& x, const torch::Tensor& w) {
   return block_matmul(x, w, F32);
 }
 
+#if defined(__AVX512F__)
+// One (kv head, query) of `logical_attention` with the head size (DV 16-lane chunks) and the
+// query heads per kv head (G) known at compile time, so the queries and the output sums live in
+// registers. The same operations in the same order as the general loop below, so the same
+// bits: each score is the chunks' fused multiply-adds from zero, then one horizontal sum; each
+// output lane sums its keys one after another. Only the loop order differs: the output loop
+// runs key after key over all DV x G sums at once (the general loop runs one chunk's G sums
+// over all keys, a chain of dependent multiply-adds that waits on their latency).
+template <int DV, int G>
+void attend_fixed(const float* qs, const float* kbase, const float* vbase, const int64_t* st,
+                  int64_t n, int64_t cap, float* scores, int64_t stride, float* const* outs) {
+  constexpr int64_t D = DV * 16;
+  __m512 qv[G][DV];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < DV; ++c) qv[g][c] = _mm512_loadu_ps(qs + g * D + c * 16);
+  float m[G];
+  for (int g = 0; g < G; ++g) m[g] = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    const float* kj = kbase + std::min(std::max<int64_t>(st[j], 0), cap - 1) * D;
+    __m512 kc[DV];
+    for (int c = 0; c < DV; ++c) kc[c] = _mm512_loadu_ps(kj + c * 16);
+    for (int g = 0; g < G; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int c = 0; c < DV; ++c) acc = _mm512_fmadd_ps(qv[g][c], kc[c], acc);
+      const float sdot = _mm512_reduce_add_ps(acc);
+      scores[g * stride + j] = sdot;
+      m[g] = std::max(m[g], sdot);
+    }
+  }
+  float total[G];
+  using Vec = at::vec::Vectorized<float>;
+  for (int g = 0; g < G; ++g) {  // weights exp(s - max), one vectorised exp
+    float* sg = scores + g * stride;
+    for (int64_t j = n; j < stride; ++j) sg[j] = -INFINITY;
+    const Vec mv(m[g]);
+    for (int64_t c = 0; c < (n + Vec::size() - 1) / Vec::size(); ++c)
+      (Vec::loadu(sg + c * Vec::size()) - mv).exp().store(sg + c * Vec::size());
+    total[g] = 0.f;
+    for (int64_t j = 0; j < n; ++j) total[g] += sg[j];
+  }
+  __m512 acc[DV][G];
+  for (int c = 0; c < DV; ++c)
+    for (int g = 0; g < G; ++g) acc[c][g] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const float* vj = vbase + std::min(std::max<int64_t>(st[j], 0), cap - 1) * D;
+    __m512 w[G];
+    for (int g = 0; g < G; ++g) w[g] = _mm512_set1_ps(scores[g * stride + j]);
+    for (int c = 0; c < DV; ++c) {
+      const __m512 vv = _mm512_loadu_ps(vj + c * 16);
+      for (int g = 0; g < G; ++g) acc[c][g] = _mm512_fmadd_ps(w[g], vv, acc[c][g]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < DV; ++c)
+      _mm512_storeu_ps(outs[g] + c * 16, _mm512_div_ps(acc[c][g], _mm512_set1_ps(total[g])));
+}
+
+using AttendFixed = void (*)(const float*, const float*, const float*, const int64_t*, int64_t,
+                             int64_t, float*, int64_t, float* const*);
+
+// The compiled shapes: head sizes 32, 64, 128 with up to 16 output sums in registers.
+AttendFixed attend_for(int64_t DV, int64_t G) {
+  switch (DV * 100 + G) {
+    case 201: return attend_fixed<2, 1>;
+    case 202: return attend_fixed<2, 2>;
+    case 203: return attend_fixed<2, 3>;
+    case 204: return attend_fixed<2, 4>;
+    case 205: return attend_fixed<2, 5>;
+    case 206: return attend_fixed<2, 6>;
+    case 207: return attend_fixed<2, 7>;
+    case 208: return attend_fixed<2, 8>;
+    case 401: return attend_fixed<4, 1>;
+    case 402: return attend_fixed<4, 2>;
+    case 403: return attend_fixed<4, 3>;
+    case 404: return attend_fixed<4, 4>;
+    case 801: return attend_fixed<8, 1>;
+    case 802: return attend_fixed<8, 2>;
+    default: return nullptr;
+  }
+}
+#endif
+
 // Attention for float32 queries over their logical keys, in the cache where they lie.
 //
 // q [H, T, D] (multiplied by `scale` here, as the blocked torch path does first), k and v [KV, capacity, D], slots [T, W] (cache slot of each query's
@@ -258,6 +340,7 @@ torch::Tensor logical_attention(const torch::Tensor& q, const torch::Tensor& k,
   // for all of them. Per (head, query) the arithmetic is the same fixed sequence as below.
   TORCH_CHECK(group <= 16, "at most 16 query heads per kv head");
   const int64_t DV = D / 16;
+  const AttendFixed fixed = attend_for(DV, group);
   at::parallel_for(0, KV * T, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(group * chunks * 16);
     std::vector<float> qs(group * D);
@@ -270,6 +353,13 @@ torch::Tensor logical_attention(const torch::Tensor& q, const torch::Tensor& k,
       for (int64_t g = 0; g < group; ++g)
         for (int64_t d = 0; d < D; ++d)
           qs[g * D + d] = qp[((kvh * group + g) * T + t) * D + d] * static_cast<float>(scale);
+      if (fixed != nullptr) {
+        float* outs[16];
+        for (int64_t g = 0; g < group; ++g) outs[g] = op + ((kvh * group + g) * T + t) * D;
+        fixed(qs.data(), kp + kv * cap * D, vp + kv * cap * D, st, n, cap, scores.data(),
+              chunks * 16, outs);
+        continue;
+      }
       float m[16];
       for (int64_t g = 0; g < group; ++g) m[g] = -INFINITY;
       for (int64_t j = 0; j < n; ++j) {  // scores: q . k over D in 16-lane chunks, then summed
