@@ -221,3 +221,21 @@ def test_a_per_step_draft_cost_does_not_grow_with_the_tree():
     for _ in range(5):
         sizer.draft_cost.add(0.3 * 4, 4)
     assert sizer.best() == 16  # flat verify + flat drafting: the biggest tree
+
+
+def test_a_drafters_measured_cost_carries_over_to_its_next_generation():
+    """What proposing costs belongs to the drafter on this machine: the next generation's
+    first tree is sized with it instead of starting as if drafting were free."""
+    from hasten.decoding.engine import tree_sizer
+
+    class Costly:
+        expected_lengths = [1.0, 1.9, 2.5, 2.8, 3.0]
+        cost_per_step = True
+
+    drafter = Costly()
+    first = tree_sizer(drafter, GPU_LIKE, 4)
+    assert first.size > 0  # nothing known yet: drafting looks free on a flat curve
+    first.draft_cost.add(5.0, 4)  # a proposal cost 5 plain steps
+    second = tree_sizer(drafter, GPU_LIKE, 4)
+    assert second.draft_cost is first.draft_cost and second.draft_cost.per_step
+    assert second.size == 0

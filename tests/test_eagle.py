@@ -174,3 +174,27 @@ def test_drafting_weights_as_q8_0_keep_the_head_and_stay_lossless():
     prompt = [5, 9, 14, 3, 22, 7, 9, 14]
     plain = list(generate_plain(ours, prompt, 40))
     assert list(generate_speculative(ours, drafter, prompt, 40, tree_size=12)) == plain
+
+
+def test_a_small_tree_is_the_best_nodes_of_a_big_one_from_fewer_head_rows():
+    """A tree of n nodes needs no level deeper than n and no more than n nodes (and children)
+    per level: the drafter's probe of 4 expands less and is the same tree as the best 4 of a
+    full proposal."""
+    ours, _ = tiny_pair(dtype=torch.float32)
+    head = _head(ours.config, dtype=torch.float32)
+    drafter = EagleDrafter(head, ours.embed.weight, ours.lm_head.weight, depth=5, topk=4)
+    list(generate_speculative(ours, drafter, [5, 9, 14, 3, 22], 12, tree_size=6))
+    big = drafter.propose(drafter.context, 64)
+    best = {tuple(big.token_list[i] for i in big.path_to(node))
+            for node, rank in enumerate(drafter.last_ranks.tolist()) if rank < 3}
+    rows = []
+    real_step = head.step
+
+    def recording_step(embeds, feats, positions, cache, mask):
+        rows.append(embeds.shape[0])
+        return real_step(embeds, feats, positions, cache, mask)
+
+    head.step = recording_step
+    small = drafter.propose(drafter.context, 3)
+    assert {tuple(small.token_list[i] for i in small.path_to(node)) for node in range(small.size)} == best
+    assert len(rows) <= 2 and max(rows) <= 3  # levels 2 and 3 at most, 3 nodes each

@@ -227,9 +227,10 @@ class AdaptiveTreeSize:
     """Tracks the drafter's per-token acceptance rate and re-picks the tree size each step."""
 
     def __init__(self, curve: CostCurve, max_size: int, prior_rate: float = 0.5,
-                 memory: float = 0.9, probe: ProbeSchedule | None = None):
+                 memory: float = 0.9, probe: ProbeSchedule | None = None,
+                 draft_cost: DraftCost | None = None):
         self.curve, self.max_size, self.memory = curve, max_size, memory
-        self.probe, self.draft_cost = probe or ProbeSchedule(), DraftCost()
+        self.probe, self.draft_cost = probe or ProbeSchedule(), draft_cost or DraftCost()
         # Exponentially weighted counts of accepted drafts and of drafts judged.
         self.accepted, self.trials = prior_rate, 1.0
         self.size = self.best()
@@ -280,11 +281,12 @@ class CalibratedTreeSize:
     """
 
     def __init__(self, curve: CostCurve, expected_lengths: list[float], max_size: int,
-                 memory: float = 0.9, probe: ProbeSchedule | None = None, probe_size: int = 4):
+                 memory: float = 0.9, probe: ProbeSchedule | None = None, probe_size: int = 4,
+                 draft_cost: DraftCost | None = None):
         self.curve, self.expected, self.memory = curve, list(expected_lengths), memory
         self.max_size = min(max_size, len(self.expected) - 1)
         self.probe, self.probe_size = probe or ProbeSchedule(), probe_size
-        self.draft_cost = DraftCost()
+        self.draft_cost = draft_cost or DraftCost()
         # Exponentially weighted drafts accepted and drafts expected; the prior is the curve.
         self.got, self.wanted = 1.0, 1.0
         self.size = self.best()

@@ -26,7 +26,7 @@ import torch
 
 from ..models.backbone import Backbone
 from .accept import accept, accept_greedy, accept_typical
-from .budget import MAX_TREE_SIZE, AdaptiveTreeSize, CalibratedTreeSize, CostCurve, TreeSizer
+from .budget import MAX_TREE_SIZE, AdaptiveTreeSize, CalibratedTreeSize, CostCurve, DraftCost, TreeSizer
 from .sampling import SamplingParams, choose
 from .stats import GenerationStats, cache_capacity
 from .tree import DraftTree, keep_indices, verify_inputs
@@ -156,9 +156,17 @@ def tree_sizer(drafter, curve: CostCurve, max_size: int = MAX_TREE_SIZE) -> Tree
     (Medusa, EAGLE) is sized from them and corrected by how its drafts do on this text; any
     other from its observed acceptance rate. `curve`: what a verify of n nodes costs."""
     expected = getattr(drafter, "expected_lengths", None)
-    sizer = (CalibratedTreeSize(curve, expected, max_size) if expected
-             else AdaptiveTreeSize(curve, max_size))
-    sizer.draft_cost.per_step = getattr(drafter, "cost_per_step", False)
+    # What proposing costs is the drafter's on this machine, not the text's: kept on the
+    # drafter across generations, so the next one sizes its first trees with it.
+    cost = getattr(drafter, "draft_cost", None)
+    if not isinstance(cost, DraftCost):
+        cost = DraftCost(per_step=getattr(drafter, "cost_per_step", False))
+        try:
+            drafter.draft_cost = cost
+        except AttributeError:
+            pass  # a drafter that takes no attributes: this generation's estimate only
+    sizer = (CalibratedTreeSize(curve, expected, max_size, draft_cost=cost) if expected
+             else AdaptiveTreeSize(curve, max_size, draft_cost=cost))
     return sizer
 
 

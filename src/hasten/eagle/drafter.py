@@ -132,7 +132,10 @@ class EagleDrafter:
         return self.vocab[top] if self.vocab is not None else top
 
     def _grow(self, size: int) -> DraftTree:
-        k, dev = self.topk, self.weight.device
+        # The best `size` nodes form a tree, so none lies deeper than `size`, and of each level
+        # only the `size` best nodes (and of each node its `size` best children) can be kept:
+        # a small tree (a probe of 4) needs fewer and narrower levels, and is the same tree.
+        k, dev = min(self.topk, size), self.weight.device
         root_pos = len(self.context) - 1
         # Candidates: token, parent candidate (-1 = the root), depth, cumulative score.
         lp = self._logprobs(self.last[None])[0]
@@ -143,7 +146,7 @@ class EagleDrafter:
         feats = self.last[None].expand(top.numel(), -1)  # parent feature of each frontier node
         slot = {}  # candidate id -> its entry in the head's cache (expanded nodes only)
         count = top.numel()
-        for level in range(2, self.depth + 1):
+        for level in range(2, min(self.depth, size) + 1):
             if count >= size and float(scores[-1].max()) < float(torch.cat(scores).topk(size).values[-1]):
                 break  # children score below their parents: none could make the cut
             level_scores = scores[-1]
