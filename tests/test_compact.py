@@ -211,7 +211,7 @@ def test_dense_float32_runs_on_the_kernels_exactly(tmp_path, cache, kernel):
     if not kernel.has_avx512():
         pytest.skip("dense float32 stays on MKL without the AVX-512 kernels")
     _, path = tiny_gguf(tmp_path, tie_word_embeddings=True)
-    model = hasten.load(str(path), progress=False)
+    model = hasten.load(str(path), weights="dense", progress=False)
     mkl = load_backbone(str(path)).backbone
     b = model.backbone
     assert all(isinstance(getattr(blk, n), KernelDense) for blk in b.blocks
@@ -301,3 +301,30 @@ def test_a_block_in_one_compiled_call_gives_the_python_blocks_bits(tmp_path, cac
     declined = run()
     assert stacks == [False, False]
     assert all(torch.equal(f, p) for f, p in zip(declined, python))
+
+
+@pytest.mark.parametrize("qtypes", [QTYPES, {**QTYPES, "attn_k": Q.F16, "ffn_up": Q.Q4_0}])
+def test_auto_weights_are_compact_with_dense_float32s_bits(tmp_path, cache, kernel, qtypes):
+    """`weights="auto"` (the default) loads a GGUF's blocks where they compute dense float32's
+    bits exactly, leftover tensor types (F16, Q4_0) on the dense kernel: the same logits bit
+    for bit, so the same tokens. Elsewhere (bfloat16, a Hugging Face folder) dense."""
+    if not kernel.has_avx512():
+        pytest.skip("without the AVX-512 kernels auto keeps dense float32 (MKL)")
+    cfg, path = tiny_gguf(tmp_path, qtypes, tie_word_embeddings=True)
+    auto = hasten.load(str(path), progress=False)
+    dense = hasten.load(str(path), weights="dense", progress=False)
+    assert auto.plan == "compact" and dense.plan == "float32"
+    assert any(isinstance(b.wo, QuantDense) for b in auto.backbone.blocks)
+    ids = torch.randint(0, cfg.vocab_size, (1, 30), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        outs = []
+        for m in (auto, dense):
+            m.backbone.reset(1, 64)
+            first = m.backbone.forward(ids[:, :20])
+            m.backbone.commit()
+            outs.append((first.logits, m.backbone.forward(ids[:, 20:]).logits))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    prompt = auto.encode("hello hello hello", chat=False)
+    assert list(auto.generate_ids(prompt, 16, ignore_eos=True)) == \
+        list(dense.generate_ids(prompt, 16, ignore_eos=True))
+    assert hasten.load(str(path), dtype="bfloat16", progress=False).plan == "bfloat16"

@@ -16,7 +16,9 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, weights: str = "auto") -> None:
+    """The model options; `weights`: the --weights default (dense for commands whose autograd
+    runs through the model's layers)."""
     p.add_argument("--model", "-m", default=None, help=MODEL_HELP)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--dtype", default="float32",
@@ -26,13 +28,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", default="auto", choices=("auto", "lean", "hf"),
                    help="lean: our Llama-family runtime; hf: generic transformers adapter; "
                         "auto: lean when the architecture allows (default)")
-    p.add_argument("--weights", default="dense", choices=("dense", "compact", "compact-q8"),
+    p.add_argument("--weights", default=weights, choices=("auto", "dense", "compact", "compact-q8"),
                    help="dense: every weight dequantized to --dtype (float32: the reference); "
                         "compact: a GGUF's Q4_1 / Q8_0 blocks kept as they are, computed by "
                         "weight-only kernels with exactly the file's values (float32, CPU); "
                         "compact-q8: those blocks with each matmul's input rounded to int8 "
                         "blocks as llama.cpp does (integer dot products; fastest on AVX-512 "
-                        "VNNI CPUs)")
+                        "VNNI CPUs); auto: compact where it gives dense float32's exact bits "
+                        f"(float32 from a GGUF on a CPU with AVX-512), else dense (default: {weights})")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
 
 
@@ -90,7 +93,7 @@ def load_model(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     return load(args.model, device=args.device, dtype=args.dtype, runtime=args.runtime,
-                weights=getattr(args, "weights", "dense"))
+                weights=getattr(args, "weights", "auto"))
 
 
 def read_prompt(arg: str | None) -> str:

@@ -375,8 +375,24 @@ def build_compact_llama(cfg: LlamaConfig, gguf_path: str | Path,
         model.lm_head = _linear([matrix("lm_head.weight")], None, summary)
     if activations == "q8":
         _round_activations(model)
+    _leftovers_on_kernels(model)
     _kernel_runtime(model)
     return model.eval().requires_grad_(False), summary
+
+
+def _leftovers_on_kernels(model: LlamaModel) -> None:
+    """Linears of tensor types without a block kernel (F16, Q4_K, ...; dequantized to float32)
+    through the dense float32 kernel where it runs, as `dense_on_kernels` runs them: so a
+    compact model computes what the dense float32 model computes, bit for bit."""
+    module = kernel_module()
+    if module is None or not module.has_avx512():
+        return
+    for block in model.blocks:
+        for name in Block.LINEARS:
+            if type(getattr(block, name)) is Dense:
+                setattr(block, name, KernelDense(getattr(block, name)))
+    if type(model.lm_head) is Dense:
+        model.lm_head = KernelDense(model.lm_head)
 
 
 def _round_activations(model: LlamaModel) -> None:
