@@ -328,3 +328,26 @@ def test_auto_weights_are_compact_with_dense_float32s_bits(tmp_path, cache, kern
     assert list(auto.generate_ids(prompt, 16, ignore_eos=True)) == \
         list(dense.generate_ids(prompt, 16, ignore_eos=True))
     assert hasten.load(str(path), dtype="bfloat16", progress=False).plan == "bfloat16"
+
+
+def test_gguf_tensor_index_is_cached_and_follows_the_file(tmp_path):
+    """The tensors of a GGUF as its reader gives them, the second time from the cached index
+    (no metadata parse); a rewritten file is indexed again."""
+    import gguf
+    from hasten.models.gguf_convert import gguf_tensors
+    _, path = tiny_gguf(tmp_path)
+    index_dir = tmp_path / "index"
+    arch, first = gguf_tensors(path, index_dir)
+    assert len(list(index_dir.glob("*.json"))) == 1
+    reader = gguf.GGUFReader(path)
+    assert arch == "llama" and [t.name for t in first] == [t.name for t in reader.tensors]
+    for ours, theirs in zip(first, reader.tensors):
+        assert ours.tensor_type == theirs.tensor_type and ours.shape == tuple(theirs.shape)
+        assert np.array_equal(ours.data, theirs.data) and ours.data.dtype == theirs.data.dtype
+    _, again = gguf_tensors(path, index_dir)
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(first, again))
+    cfg, path = tiny_gguf(tmp_path, qtypes={**QTYPES, "attn_q": Q.Q8_0})  # the same path, rewritten
+    _, rewritten = gguf_tensors(path, index_dir)
+    assert len(list(index_dir.glob("*.json"))) == 2
+    q = next(t for t in rewritten if t.name == "blk.0.attn_q.weight")
+    assert q.tensor_type == Q.Q8_0

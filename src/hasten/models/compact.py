@@ -26,8 +26,9 @@ from torch import nn
 
 from ..errors import ModelSourceError
 from .config import LlamaConfig
-from .gguf_convert import (_ROPE_FREQS, PERMUTED_ARCHS, _dequantize, architecture, hf_tensor_name,
-                           open_gguf, unpermute_rope_rows)
+from ..paths import cache_root
+from .gguf_convert import (_ROPE_FREQS, PERMUTED_ARCHS, _dequantize, gguf_tensors, hf_tensor_name,
+                           unpermute_rope_rows)
 from .llama import Block, Dense, LlamaModel, RMSNorm
 from .quant_kernels import (BLOCK, BLOCK_BYTES, NO_ROWS, Q8_KIND_CODES, block_matmul,
                             can_fuse_attention, dense_matmul, dequantize_blocks, kernel_module,
@@ -333,9 +334,8 @@ def build_compact_llama(cfg: LlamaConfig, gguf_path: str | Path,
     llama.cpp computes (`Q8Dense`); norms, attention and the KV cache stay float32."""
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {ACTIVATIONS}")
-    reader = open_gguf(gguf_path)
-    arch = architecture(reader)
-    tensors = {hf_tensor_name(t.name): t for t in reader.tensors if t.name != _ROPE_FREQS}
+    arch, listed = gguf_tensors(gguf_path, cache_root() / "gguf-index")
+    tensors = {hf_tensor_name(t.name): t for t in listed if t.name != _ROPE_FREQS}
     permuted = arch in PERMUTED_ARCHS
 
     def matrix(name: str, heads: int | None = None) -> _Matrix:

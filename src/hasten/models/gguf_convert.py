@@ -13,8 +13,11 @@ type) surfaces as `ModelSourceError` naming the problem and the way out.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +67,51 @@ def open_gguf(path: str | Path):
                 f"{t.data_offset + t.n_bytes:,} but the file has {size:,}; "
                 "download or copy it again")
     return reader
+
+
+@dataclass(frozen=True)
+class IndexedTensor:
+    """A tensor of a GGUF file as `gguf.ReaderTensor` describes it (the attributes our loaders
+    read), its data a read-only map of the file."""
+    name: str
+    tensor_type: "gguf.GGMLQuantizationType"  # noqa: F821
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+def gguf_tensors(path: str | Path, cache_dir: Path | None) -> tuple[str, list[IndexedTensor]]:
+    """(architecture, tensors) of a GGUF file. The gguf reader parses every metadata field,
+    the tokenizer's 100k strings included (3.6 s for the default model), to reach the
+    tensors; so where and how each tensor lies is kept in `cache_dir`, keyed by the file's
+    path, size and modification time, and later loads map the data directly."""
+    import gguf
+
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+    index_file = cache_dir / f"{key}.json" if cache_dir is not None else None
+    index = None
+    if index_file is not None and index_file.exists():
+        try:
+            index = json.loads(index_file.read_text())
+        except ValueError:
+            index = None  # unreadable: parse the file again
+    if index is None:
+        reader = open_gguf(path)
+        index = {"architecture": architecture(reader), "tensors": [
+            {"name": t.name, "type": int(t.tensor_type), "shape": [int(d) for d in t.shape],
+             "offset": int(t.data_offset), "dtype": t.data.dtype.str,
+             "data_shape": list(t.data.shape)} for t in reader.tensors]}
+        if index_file is not None:
+            index_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = index_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(index))
+            tmp.replace(index_file)
+    tensors = [IndexedTensor(t["name"], gguf.GGMLQuantizationType(t["type"]), tuple(t["shape"]),
+                             np.memmap(path, dtype=np.dtype(t["dtype"]), mode="r",
+                                       offset=t["offset"], shape=tuple(t["data_shape"])))
+               for t in index["tensors"]]
+    return index["architecture"], tensors
 
 
 def field(reader, key: str, default=None):
