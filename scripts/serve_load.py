@@ -52,7 +52,8 @@ class ServerProcess:
     def __init__(self, args, *extra: str):
         self.port = free_port()
         cmd = [sys.executable, "-m", "hasten", "serve", "--port", str(self.port), "--dtype",
-               args.dtype, "--max-batch", str(args.max_batch), *model_args(args), *extra]
+               args.dtype, "--weights", args.weights, "--max-batch", str(args.max_batch),
+               *model_args(args), *extra]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         if getattr(args, "draft", None):
@@ -133,7 +134,7 @@ def domain_prompts(args, names: list[str]) -> list[str]:
 
 def cli_speed(args) -> float:
     cmd = [sys.executable, "-m", "hasten", "generate", "--stats-json", "-n", str(args.tokens),
-           "--dtype", args.dtype, *model_args(args), STORY]
+           "--dtype", args.dtype, "--weights", args.weights, *model_args(args), STORY]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, check=True)
@@ -324,6 +325,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model spec (default: the embedded model)")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--weights", default="auto", help="the servers' --weights (default: auto)")
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--max-batch", type=int, default=8)
@@ -344,7 +346,8 @@ def main() -> None:
     if args.tenant:
         print(json.dumps({"dtype": args.dtype, "tokens": args.tokens, **tenants(args)}, indent=1))
         return
-    report: dict = {"dtype": args.dtype, "tokens": args.tokens, "max_batch": args.max_batch}
+    report: dict = {"dtype": args.dtype, "weights": args.weights, "tokens": args.tokens,
+                    "max_batch": args.max_batch}
     prompts = [f"Write a short story about {t}." for t in TOPICS]
     solo: dict[str, str] = {}
     server = ServerProcess(args)
