@@ -84,11 +84,29 @@ def _build():
 
     folder = cache_root() / "kernels" / f"quant_matmul-{source_key()}"
     folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "quant_matmul.so").exists():
+    built = folder / "quant_matmul.so"
+    if built.exists():
+        # The folder is named by the sources' contents, flags, torch and CPU, so a build there
+        # is this one: import it as it is. (torch's loader would rebuild it for a checkout at
+        # another path, since its build file names the sources by path.)
+        try:
+            return _import_built(built)
+        except ImportError:
+            pass  # damaged (a build cut short): build again
+    else:
         print("hasten: compiling the quantized matmul kernel for this machine (once)...",
               file=sys.stderr, flush=True)
     return load(name="quant_matmul", sources=[str(s) for s in SOURCES], build_directory=str(folder),
                 extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def _import_built(path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quant_matmul", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _cpu_id() -> str:
