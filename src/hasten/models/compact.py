@@ -385,25 +385,24 @@ def _leftovers_on_kernels(model: LlamaModel) -> None:
     through the dense float32 kernel where it runs, as `dense_on_kernels` runs them: so a
     compact model computes what the dense float32 model computes, bit for bit."""
     module = kernel_module()
-    if module is None or not module.has_avx512():
-        return
-    for block in model.blocks:
-        for name in Block.LINEARS:
-            if type(getattr(block, name)) is Dense:
-                setattr(block, name, KernelDense(getattr(block, name)))
-    if type(model.lm_head) is Dense:
-        model.lm_head = KernelDense(model.lm_head)
+    if module is not None and module.has_avx512():
+        _replace_layers(model, Dense, KernelDense)
 
 
 def _round_activations(model: LlamaModel) -> None:
     """Every QuantDense of the blocks and the LM head as a Q8Dense, in place (the blocks in the
     q8 kernel's layout replace the file's; a tied head packs its own copy)."""
+    _replace_layers(model, QuantDense, Q8Dense)
+
+
+def _replace_layers(model: LlamaModel, kind: type, make) -> None:
+    """Each block linear and the LM head of exactly class `kind` replaced by `make(layer)`."""
     for block in model.blocks:
         for name in Block.LINEARS:
-            if type(getattr(block, name)) is QuantDense:
-                setattr(block, name, Q8Dense(getattr(block, name)))
-    if type(model.lm_head) is QuantDense:
-        model.lm_head = Q8Dense(model.lm_head)
+            if type(getattr(block, name)) is kind:
+                setattr(block, name, make(getattr(block, name)))
+    if type(model.lm_head) is kind:
+        model.lm_head = make(model.lm_head)
 
 
 def _kernel_runtime(model: LlamaModel) -> None:
