@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -299,16 +300,18 @@ def auto_weights(spec: str | None, device: str, dtype: str | torch.dtype, runtim
     (the file's blocks dequantized in registers, exactly as the converter dequantizes them),
     and leftover tensor types run the dense kernel itself. So it changes no token, and reads
     96 MB of weights per step instead of 540 for the default model."""
+    from .models.compact import kernels_fit
+    from .models.config import LlamaConfig
     from .models.loader import parse_device, parse_dtype
-    from .models.quant_kernels import kernel_module
     from .models.sources import resolve_model
     if parse_dtype(dtype) != torch.float32 or parse_device(device).type != "cpu" or runtime == "hf":
         return "dense"
     resolved = resolve_model(spec, progress=progress)
     if resolved.gguf is None or not resolved.lean:
         return "dense"
-    module = kernel_module()
-    return "compact" if module is not None and module.has_avx512() else "dense"
+    # Where dense float32 would not run on the kernels (MKL: other bits), neither may compact.
+    cfg = LlamaConfig.from_hf_dict(json.loads((resolved.folder / "config.json").read_text()))
+    return "compact" if kernels_fit(cfg) else "dense"
 
 
 def _dense_on_kernels(model: Model) -> bool:

@@ -384,8 +384,7 @@ def _leftovers_on_kernels(model: LlamaModel) -> None:
     """Linears of tensor types without a block kernel (F16, Q4_K, ...; dequantized to float32)
     through the dense float32 kernel where it runs, as `dense_on_kernels` runs them: so a
     compact model computes what the dense float32 model computes, bit for bit."""
-    module = kernel_module()
-    if module is not None and module.has_avx512():
+    if can_run_dense_on_kernels(model):
         _replace_layers(model, Dense, KernelDense)
 
 
@@ -418,15 +417,19 @@ def _kernel_runtime(model: LlamaModel) -> None:
         model.run_blocks = run_fused_blocks
 
 
-def can_run_dense_on_kernels(model) -> bool:
-    """A float32 lean model on a CPU where the AVX-512 kernels build (the scalar build keeps
-    the bits invariant but is far slower than MKL)."""
+def kernels_fit(cfg: LlamaConfig) -> bool:
+    """Whether the AVX-512 kernels are built here and every linear of a model shaped `cfg`
+    fits their dense float32 path (inputs in whole blocks of 32). The scalar build keeps the
+    bits invariant but is far slower than MKL."""
     module = kernel_module()
-    cfg = getattr(model, "config", None)
+    return (module is not None and module.has_avx512() and cfg.hidden_size % BLOCK == 0 and
+            cfg.intermediate_size % BLOCK == 0 and cfg.num_heads * cfg.head_dim % BLOCK == 0)
+
+
+def can_run_dense_on_kernels(model) -> bool:
+    """A float32 lean model on a CPU whose shapes the kernels fit (`kernels_fit`)."""
     return (isinstance(model, LlamaModel) and model.dtype == torch.float32 and
-            model.device.type == "cpu" and module is not None and module.has_avx512() and
-            cfg.hidden_size % 32 == 0 and cfg.intermediate_size % 32 == 0 and
-            cfg.num_heads * cfg.head_dim % 32 == 0)
+            model.device.type == "cpu" and kernels_fit(model.config))
 
 
 def dense_on_kernels(model: LlamaModel) -> LlamaModel:
