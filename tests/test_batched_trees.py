@@ -324,7 +324,7 @@ def test_compiled_kernels_attend_the_whole_step_in_one_call_with_solo_answers(tm
         out = compact.run_fused_blocks(m, x, *args, **kwargs)
         calls.append(x.shape[0] if out is not None else 0)
         return out
-    monkeypatch.setattr("hasten.decoding.batched.run_fused_blocks", counted)
+    monkeypatch.setattr(model, "run_blocks", counted)  # solo steps count too: one row each
     ps = [p[:40] for p in prompts(4)]
     solo = [list(generate_plain(model, p, 40)) for p in ps]
     drafters = [Oracle(ps[0], solo[0]), LookupDrafter(), Wrong(ps[2], solo[2]), None]

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ContextFullError
-from ..models.compact import block_step, fused_layers, run_fused_blocks
+from ..models.compact import block_step, fused_layers
 from ..models.exact_attention import BLOCK, _block_partials  # the same block arithmetic
 from ..models.exact_attention import exact_attention, plan_keys
 from ..models.llama import LlamaModel, rope_inv_freq
@@ -241,11 +241,29 @@ class BatchedDecoder:
         fused = self._fused_keys(step) if m.exact and m.fused_attention else None
         tree_seconds = 0.0
         every = None  # all blocks in one compiled call where they allow: the same bits
-        if fused is not None and not step.pad:
-            every = run_fused_blocks(m, x, cos, sin, self.k, self.v, *fused,
-                                     write_rows=step.rows, write_slots=step.slots)
-        x = x if every is None else every
-        for i, block in enumerate(m.blocks if every is None else ()):
+        if fused is not None and not step.pad and m.run_blocks is not None:
+            every = m.run_blocks(m, x, cos, sin, self.k, self.v, *fused,
+                                 write_rows=step.rows, write_slots=step.slots)
+        if every is not None:
+            x = every
+        else:
+            x, tree_seconds = self._blocks_one_by_one(x, cos, sin, step, fused, plain, roots, lengths)
+        trees = sum(tree is not None for tree in step.trees)
+        if trees and fused is None:  # what a tree's own attention calls cost, per step (EMA)
+            per_tree = tree_seconds / trees
+            self.tree_attention_seconds += 0.2 * (per_tree - self.tree_attention_seconds)
+        hidden = m.norm(x)
+        # The LM head over every row, the pad copy too: its row count is part of the plain step.
+        logits = m.lm_head(hidden)
+        t = len(x) - step.pad
+        return logits[:t, 0], hidden[:t, 0]
+
+    def _blocks_one_by_one(self, x, cos, sin, step: _Step, fused, plain: bool, roots,
+                           lengths) -> tuple[torch.Tensor, float]:
+        """The blocks in turn (some cannot run in one call with the rest): x after them, and
+        the seconds spent in the trees' own attention."""
+        m, tree_seconds = self.model, 0.0
+        for i, block in enumerate(m.blocks):
             layers = fused_layers(block) if fused is not None and not step.pad else None
             if layers is not None:  # the whole block in one compiled call, the same bits
                 x = block_step(block, layers, x, cos, sin, self.k[i], self.v[i], *fused,
@@ -266,15 +284,7 @@ class BatchedDecoder:
                 attn = self._tree_attention(i, q, attn, step, block)
                 tree_seconds += time.perf_counter() - start
             x = block.mix(x, torch.cat([attn, attn[:step.pad]]) if step.pad else attn)
-        trees = sum(tree is not None for tree in step.trees)
-        if trees and fused is None:  # what a tree's own attention calls cost, per step (EMA)
-            per_tree = tree_seconds / trees
-            self.tree_attention_seconds += 0.2 * (per_tree - self.tree_attention_seconds)
-        hidden = m.norm(x)
-        # The LM head over every row, the pad copy too: its row count is part of the plain step.
-        logits = m.lm_head(hidden)
-        t = len(x) - step.pad
-        return logits[:t, 0], hidden[:t, 0]
+        return x, tree_seconds
 
     def _fused_keys(self, step: _Step) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(slots [T, W], counts [T], rows [T]) of every token of the step for the compiled
