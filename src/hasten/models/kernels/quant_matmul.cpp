@@ -218,6 +218,20 @@ torch::Tensor f32_matmul(const torch::Tensor& x, const torch::Tensor& w) {
 }
 
 #if defined(__AVX512F__)
+// One query head's attention weights, in place: its n scores become exp(s - max) (the tail up
+// to `stride` padded with -inf, one vectorised exp over whole chunks); returns their sum, key
+// after key.
+inline float exp_weights(float* sg, int64_t n, int64_t stride, float top) {
+  using Vec = at::vec::Vectorized<float>;
+  for (int64_t j = n; j < stride; ++j) sg[j] = -INFINITY;
+  const Vec mv(top);
+  for (int64_t c = 0; c < (n + Vec::size() - 1) / Vec::size(); ++c)
+    (Vec::loadu(sg + c * Vec::size()) - mv).exp().store(sg + c * Vec::size());
+  float total = 0.f;
+  for (int64_t j = 0; j < n; ++j) total += sg[j];
+  return total;
+}
+
 // One (kv head, query) of `logical_attention` with the head size (DV 16-lane chunks) and the
 // query heads per kv head (G) known at compile time, so the queries and the output sums live in
 // registers. The same operations in the same order as the general loop below, so the same
@@ -247,16 +261,7 @@ void attend_fixed(const float* qs, const float* kbase, const float* vbase, const
     }
   }
   float total[G];
-  using Vec = at::vec::Vectorized<float>;
-  for (int g = 0; g < G; ++g) {  // weights exp(s - max), one vectorised exp
-    float* sg = scores + g * stride;
-    for (int64_t j = n; j < stride; ++j) sg[j] = -INFINITY;
-    const Vec mv(m[g]);
-    for (int64_t c = 0; c < (n + Vec::size() - 1) / Vec::size(); ++c)
-      (Vec::loadu(sg + c * Vec::size()) - mv).exp().store(sg + c * Vec::size());
-    total[g] = 0.f;
-    for (int64_t j = 0; j < n; ++j) total[g] += sg[j];
-  }
+  for (int g = 0; g < G; ++g) total[g] = exp_weights(scores + g * stride, n, stride, m[g]);
   __m512 acc[DV][G];
   for (int c = 0; c < DV; ++c)
     for (int g = 0; g < G; ++g) acc[c][g] = _mm512_setzero_ps();
@@ -374,16 +379,8 @@ torch::Tensor logical_attention(const torch::Tensor& q, const torch::Tensor& k,
         }
       }
       float total[16];
-      using Vec = at::vec::Vectorized<float>;
-      for (int64_t g = 0; g < group; ++g) {  // weights exp(s - max), one vectorised exp
-        float* sg = scores.data() + g * chunks * 16;
-        for (int64_t j = n; j < chunks * 16; ++j) sg[j] = -INFINITY;
-        const Vec mv(m[g]);
-        for (int64_t c = 0; c < (n + Vec::size() - 1) / Vec::size(); ++c)
-          (Vec::loadu(sg + c * Vec::size()) - mv).exp().store(sg + c * Vec::size());
-        total[g] = 0.f;
-        for (int64_t j = 0; j < n; ++j) total[g] += sg[j];
-      }
+      for (int64_t g = 0; g < group; ++g)
+        total[g] = exp_weights(scores.data() + g * chunks * 16, n, chunks * 16, m[g]);
       for (int64_t c = 0; c < DV; ++c) {  // outputs: the weighted values, key after key
         __m512 acc[16];
         for (int64_t g = 0; g < group; ++g) acc[g] = _mm512_setzero_ps();
