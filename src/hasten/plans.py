@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .paths import cache_root
+from .paths import cache_root, write_json
 
 PLANS = ("float32", "bfloat16", "float16", "compact", "compact-q8")
 AUTO_CANDIDATES = ("float32", "bfloat16", "compact", "compact-q8")  # float16 on a CPU: emulated, slow
@@ -72,11 +72,8 @@ def choice_file(fingerprint: str, device: str, runtime: str) -> Path:
 
 def save_choice(path: Path, entries: dict[str, dict]) -> str:
     plan = choose(entries)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"choice": plan, "plans": entries,
-                               "measured": time.strftime("%Y-%m-%d %H:%M:%S")}))
-    tmp.replace(path)
+    write_json(path, {"choice": plan, "plans": entries,
+                      "measured": time.strftime("%Y-%m-%d %H:%M:%S")})
     return plan
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..paths import cache_root
+from ..paths import cache_root, write_json
 
 BANDWIDTH_KEY = "bandwidth-v1"  # bump (or delete the file) to measure again
 
@@ -106,11 +106,8 @@ def cached_read_bandwidth(threads: int | None = None) -> float:
     except (OSError, ValueError, KeyError):
         pass
     value = read_bandwidth(threads)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"bytes_per_second": value, "threads": threads,
-                               "measured": time.strftime("%Y-%m-%d %H:%M:%S")}))
-    tmp.replace(path)
+    write_json(path, {"bytes_per_second": value, "threads": threads,
+                      "measured": time.strftime("%Y-%m-%d %H:%M:%S")})
     return value
 
 

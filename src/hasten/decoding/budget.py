@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..models.backbone import Backbone
+from ..paths import write_json
 
 SIZES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # Upper bound on draft nodes per step; the measured verify costs pick the size actually used
@@ -104,10 +105,7 @@ def cached_cost_curve(backbone: Backbone, key: str, cache_dir: Path,
     curve = measure_cost_curve(backbone)
     if cached is not None and cached.sizes == curve.sizes:
         curve = CostCurve(curve.sizes, [min(a, b) for a, b in zip(cached.seconds, curve.seconds)])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"sizes": curve.sizes, "seconds": curve.seconds}))
-    tmp.replace(path)
+    write_json(path, {"sizes": curve.sizes, "seconds": curve.seconds})
     return curve
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..models.backbone import Backbone
+from ..paths import write_json
 from .tree import DraftTree, verify_inputs
 
 ROW_COUNTS = (1, 2, 3, 4, 5, 8, 9, 16, 17, 24, 32, 33, 48, 64, 65)
@@ -130,8 +131,5 @@ def cached_exactness(backbone: Backbone, path: Path) -> Exactness:
     if cached is not None:
         return cached
     result = check_exactness(backbone)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(result)))
-    tmp.replace(path)
+    write_json(path, asdict(result))
     return result

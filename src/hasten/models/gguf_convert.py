@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelSourceError
+from ..paths import write_json
 
 # GGUF `general.architecture` values the lean runtime implements; they map to HF model_type.
 LLAMA_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
@@ -79,7 +80,7 @@ class IndexedTensor:
     data: np.ndarray
 
 
-def gguf_tensors(path: str | Path, cache_dir: Path | None) -> tuple[str, list[IndexedTensor]]:
+def gguf_tensors(path: str | Path, cache_dir: Path) -> tuple[str, list[IndexedTensor]]:
     """(architecture, tensors) of a GGUF file. The gguf reader parses every metadata field,
     the tokenizer's 100k strings included (3.6 s for the default model), to reach the
     tensors; so where and how each tensor lies is kept in `cache_dir`, keyed by the file's
@@ -89,9 +90,9 @@ def gguf_tensors(path: str | Path, cache_dir: Path | None) -> tuple[str, list[In
     path = Path(path).resolve()
     stat = path.stat()
     key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
-    index_file = cache_dir / f"{key}.json" if cache_dir is not None else None
+    index_file = cache_dir / f"{key}.json"
     index = None
-    if index_file is not None and index_file.exists():
+    if index_file.exists():
         try:
             index = json.loads(index_file.read_text())
         except ValueError:
@@ -102,11 +103,7 @@ def gguf_tensors(path: str | Path, cache_dir: Path | None) -> tuple[str, list[In
             {"name": t.name, "type": int(t.tensor_type), "shape": [int(d) for d in t.shape],
              "offset": int(t.data_offset), "dtype": t.data.dtype.str,
              "data_shape": list(t.data.shape)} for t in reader.tensors]}
-        if index_file is not None:
-            index_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = index_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(index))
-            tmp.replace(index_file)
+        write_json(index_file, index)
     tensors = [IndexedTensor(t["name"], gguf.GGMLQuantizationType(t["type"]), tuple(t["shape"]),
                              np.memmap(path, dtype=np.dtype(t["dtype"]), mode="r",
                                        offset=t["offset"], shape=tuple(t["data_shape"])))
