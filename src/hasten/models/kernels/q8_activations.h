@@ -6,7 +6,7 @@
 
 namespace hasten_q8 {
 
-// GGUF blocks [N, K / 32 * block bytes] -> the kernel's layout [N, row bytes] (uint8).
+// GGUF blocks [N, K / 32 * block bytes] -> the kernel's layout, the same shape (uint8).
 torch::Tensor pack(const torch::Tensor& blocks, int64_t kind, int64_t K);
 
 // The packed layout -> float32 [N, K]: the file's dequantized weights, bit for bit.
