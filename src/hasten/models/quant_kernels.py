@@ -33,7 +33,7 @@ BLOCK = 32  # weights per GGUF block (Q4_1, Q8_0)
 BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
 SOURCE = Path(__file__).with_name("kernels") / "quant_matmul.cpp"
 SOURCES = [SOURCE, SOURCE.with_name("q8_activations.cpp")]
-HEADERS = [SOURCE.with_name("q8_activations.h"), SOURCE.with_name("schedule.h")]
+HEADERS = [SOURCE.with_name(name) for name in ("q8_activations.h", "schedule.h", "vector_math.h")]
 
 # -fopenmp: at::parallel_for is inline and runs serially without it (measured: 2 threads took
 # as long as 1); the extension then links the libgomp torch has already loaded.

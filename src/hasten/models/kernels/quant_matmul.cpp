@@ -23,6 +23,7 @@
 
 #include "q8_activations.h"
 #include "schedule.h"
+#include "vector_math.h"
 
 namespace {
 
@@ -222,14 +223,32 @@ torch::Tensor f32_matmul(const torch::Tensor& x, const torch::Tensor& w) {
 // to `stride` padded with -inf, one vectorised exp over whole chunks); returns their sum, key
 // after key.
 inline float exp_weights(float* sg, int64_t n, int64_t stride, float top) {
-  using Vec = at::vec::Vectorized<float>;
   for (int64_t j = n; j < stride; ++j) sg[j] = -INFINITY;
-  const Vec mv(top);
-  for (int64_t c = 0; c < (n + Vec::size() - 1) / Vec::size(); ++c)
-    (Vec::loadu(sg + c * Vec::size()) - mv).exp().store(sg + c * Vec::size());
+  const __m512 mv = _mm512_set1_ps(top);
+  for (int64_t c = 0; c < (n + 15) / 16; ++c)
+    _mm512_storeu_ps(sg + c * 16, hasten_kernels::exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + c * 16), mv)));
   float total = 0.f;
   for (int64_t j = 0; j < n; ++j) total += sg[j];
   return total;
+}
+
+// One head's scores for keys j0 .. j0 + 15 (those from n on: 0, unused): per key the fused
+// multiply-adds of its DV 16-lane chunks from zero, then its horizontal sum (`reduce16`: the
+// pairs of _mm512_reduce_add_ps, 16 keys at once). Stored at sg[j0..], their max returned.
+template <typename Q>
+inline float score_block(const Q& q, int64_t DV, const float* kbase, const int64_t* st,
+                         int64_t j0, int64_t n, int64_t cap, float* sg) {
+  __m512 acc[16];
+  for (int64_t jj = 0; jj < 16; ++jj) {
+    acc[jj] = _mm512_setzero_ps();
+    if (j0 + jj >= n) continue;
+    const float* kj = kbase + std::min(std::max<int64_t>(st[j0 + jj], 0), cap - 1) * DV * 16;
+    for (int64_t c = 0; c < DV; ++c) acc[jj] = _mm512_fmadd_ps(q(c), _mm512_loadu_ps(kj + c * 16), acc[jj]);
+  }
+  const __m512 sums = hasten_kernels::reduce16(acc);
+  _mm512_storeu_ps(sg + j0, sums);
+  const __mmask16 valid = static_cast<__mmask16>(n - j0 >= 16 ? 0xFFFF : (1u << (n - j0)) - 1);
+  return _mm512_mask_reduce_max_ps(valid, sums);
 }
 
 // One (kv head, query) of `logical_attention` with the head size (DV 16-lane chunks) and the
@@ -248,18 +267,10 @@ void attend_fixed(const float* qs, const float* kbase, const float* vbase, const
     for (int c = 0; c < DV; ++c) qv[g][c] = _mm512_loadu_ps(qs + g * D + c * 16);
   float m[G];
   for (int g = 0; g < G; ++g) m[g] = -INFINITY;
-  for (int64_t j = 0; j < n; ++j) {
-    const float* kj = kbase + std::min(std::max<int64_t>(st[j], 0), cap - 1) * D;
-    __m512 kc[DV];
-    for (int c = 0; c < DV; ++c) kc[c] = _mm512_loadu_ps(kj + c * 16);
-    for (int g = 0; g < G; ++g) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int c = 0; c < DV; ++c) acc = _mm512_fmadd_ps(qv[g][c], kc[c], acc);
-      const float sdot = _mm512_reduce_add_ps(acc);
-      scores[g * stride + j] = sdot;
-      m[g] = std::max(m[g], sdot);
-    }
-  }
+  for (int64_t j0 = 0; j0 < n; j0 += 16)
+    for (int g = 0; g < G; ++g)
+      m[g] = std::max(m[g], score_block([&](int64_t c) { return qv[g][c]; }, DV, kbase, st, j0, n,
+                                        cap, scores + g * stride));
   float total[G];
   for (int g = 0; g < G; ++g) total[g] = exp_weights(scores + g * stride, n, stride, m[g]);
   __m512 acc[DV][G];
@@ -367,17 +378,12 @@ torch::Tensor logical_attention(const torch::Tensor& q, const torch::Tensor& k,
       }
       float m[16];
       for (int64_t g = 0; g < group; ++g) m[g] = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) {  // scores: q . k over D in 16-lane chunks, then summed
-        const float* kj = kp + (kv * cap + std::min(std::max<int64_t>(st[j], 0), cap - 1)) * D;
+      for (int64_t j0 = 0; j0 < n; j0 += 16)  // scores: q . k over D in 16-lane chunks, then summed
         for (int64_t g = 0; g < group; ++g) {
-          __m512 acc = _mm512_setzero_ps();
-          for (int64_t c = 0; c < DV; ++c)
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(qs.data() + g * D + c * 16), _mm512_loadu_ps(kj + c * 16), acc);
-          const float sdot = _mm512_reduce_add_ps(acc);
-          scores[g * chunks * 16 + j] = sdot;
-          m[g] = std::max(m[g], sdot);
+          const float* qg = qs.data() + g * D;
+          m[g] = std::max(m[g], score_block([&](int64_t c) { return _mm512_loadu_ps(qg + c * 16); }, DV,
+                                            kp + kv * cap * D, st, j0, n, cap, scores.data() + g * chunks * 16));
         }
-      }
       float total[16];
       for (int64_t g = 0; g < group; ++g)
         total[g] = exp_weights(scores.data() + g * chunks * 16, n, chunks * 16, m[g]);
