@@ -700,20 +700,23 @@ bool threaded() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("q4_1_matmul", &q4_1_matmul, "x [M, K] float32 @ Q4_1 blocks [N, K/32*20] -> [M, N]");
-  m.def("q8_0_matmul", &q8_0_matmul, "x [M, K] float32 @ Q8_0 blocks [N, K/32*34] -> [M, N]");
-  m.def("logical_attention", &logical_attention,
+  // The compute calls let go of the GIL, as torch's own ops do: a server's event loop thread
+  // answers and streams while a step computes, instead of waiting for the step to end.
+  const auto free_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("q4_1_matmul", &q4_1_matmul, free_gil, "x [M, K] float32 @ Q4_1 blocks [N, K/32*20] -> [M, N]");
+  m.def("q8_0_matmul", &q8_0_matmul, free_gil, "x [M, K] float32 @ Q8_0 blocks [N, K/32*34] -> [M, N]");
+  m.def("logical_attention", &logical_attention, free_gil,
         "float32 attention of q [H, T, D] over each query's logical keys in a k/v cache");
-  m.def("rms_norm", &rms_norm, "float32 RMSNorm of rows");
-  m.def("rope_qkv_", &rope_qkv_, "rotary embedding in place on the q and k parts of fused qkv rows");
-  m.def("f32_matmul", &f32_matmul, "x [M, K] float32 @ W.T, W [N, K] float32, rows independent of M -> [M, N]");
-  m.def("sign_matmul", &sign_matmul, "x [M, K] float32 @ S.T for packed sign bits [N, ceil(K/8)] -> [M, N]");
+  m.def("rms_norm", &rms_norm, free_gil, "float32 RMSNorm of rows");
+  m.def("rope_qkv_", &rope_qkv_, free_gil, "rotary embedding in place on the q and k parts of fused qkv rows");
+  m.def("f32_matmul", &f32_matmul, free_gil, "x [M, K] float32 @ W.T, W [N, K] float32, rows independent of M -> [M, N]");
+  m.def("sign_matmul", &sign_matmul, free_gil, "x [M, K] float32 @ S.T for packed sign bits [N, ceil(K/8)] -> [M, N]");
   m.def("has_avx512", &has_avx512, "whether the AVX-512 path was compiled");
-  m.def("block_step", &block_step, "one exact float32 decoder block for T tokens (see above)");
-  m.def("q8_pack", &hasten_q8::pack, "GGUF blocks [N, K/32*bytes] (kind 0 Q4_1, 1 Q8_0) -> the q8 matmul's layout");
+  m.def("block_step", &block_step, free_gil, "one exact float32 decoder block for T tokens (see above)");
+  m.def("q8_pack", &hasten_q8::pack, free_gil, "GGUF blocks [N, K/32*bytes] (kind 0 Q4_1, 1 Q8_0) -> the q8 matmul's layout");
   m.def("q8_unpack", &hasten_q8::unpack, "the q8 layout -> float32 [N, K], the file's weights");
-  m.def("q8_matmul", &hasten_q8::matmul, "x [M, K] float32, rounded to int8 blocks, @ packed W.T -> [M, N]");
+  m.def("q8_matmul", &hasten_q8::matmul, free_gil, "x [M, K] float32, rounded to int8 blocks, @ packed W.T -> [M, N]");
   m.def("has_vnni", &hasten_q8::has_vnni, "whether the AVX-512 VNNI path of q8_matmul was compiled");
-  m.def("blocks_step", &blocks_step, "every decoder block of a step in one call (block_step each)");
+  m.def("blocks_step", &blocks_step, free_gil, "every decoder block of a step in one call (block_step each)");
   m.def("threaded", &threaded, "whether the kernels split work across torch's threads");
 }
