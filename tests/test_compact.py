@@ -168,6 +168,24 @@ def test_logical_attention_depends_on_a_querys_own_keys_only(kernel, heads, kv, 
         torch.testing.assert_close(out[0, :, i], want[:, 0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("spread", [1.0, 30.0])
+def test_logical_attention_weights_are_exact_softmax_over_a_wide_range(kernel, spread):
+    """The kernel's own exp (kernels/vector_math.h) against float64 softmax: scores spread over
+    ~[-spread * 20, 0] after the max (spread 30: weights from 1 down to below float32's range),
+    37 keys (a tail of 5 after two blocks of 16)."""
+    from hasten.models.exact_attention import plan_keys
+    from hasten.models.quant_kernels import logical_attention
+    g = torch.Generator().manual_seed(1)
+    heads, kv, d, n = 9, 3, 64, 37
+    q = torch.randn(1, heads, 1, d, generator=g) * spread
+    k, v = torch.randn(1, kv, n, d, generator=g), torch.randn(1, kv, n, d, generator=g)
+    out = logical_attention(q, k, v, plan_keys(None, n - 1, 1, "cpu", False, True), d ** -0.5)
+    kk = k[0].double().repeat_interleave(heads // kv, 0)
+    vv = v[0].double().repeat_interleave(heads // kv, 0)
+    want = torch.softmax(q[0].double() @ kk.transpose(-1, -2) * d ** -0.5, -1) @ vv
+    assert (out[0].double() - want).abs().max() < 2e-6
+
+
 # ---- dense float32 on the same kernels ------------------------------------------------------
 
 def test_dense_float32_kernel_rows_do_not_depend_on_the_row_count(kernel):
