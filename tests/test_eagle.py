@@ -153,11 +153,12 @@ def test_head_files_round_trip_and_refuse_another_model(tmp_path):
 
 def test_drafting_weights_as_q8_0_keep_the_head_and_stay_lossless():
     """`quantize_for_drafting` (what `eagle_drafter` does where our float32 kernels run):
-    the drafter's copy of the head and its draft LM head become Q8_0 blocks, the given head
+    the drafter's copy of the head and its draft LM head become Q8_0 blocks (with int8
+    activations where the CPU has VNNI), the given head
     keeps its float32 layers, drafts stay close to the float32 drafter's, and greedy decoding
     with them is still plain decoding."""
     from hasten.models import quant_kernels as qk
-    from hasten.models.compact import QuantDense
+    from hasten.models.compact import Q8Dense, QuantDense
     module = qk.kernel_module()
     if module is None or not module.has_avx512():
         pytest.skip("Q8_0 drafting needs the AVX-512 kernels")
@@ -166,7 +167,8 @@ def test_drafting_weights_as_q8_0_keep_the_head_and_stay_lossless():
     drafter = EagleDrafter(head, ours.embed.weight, ours.lm_head.weight, depth=4, topk=3)
     reference = EagleDrafter(head, ours.embed.weight, ours.lm_head.weight, depth=4, topk=3)
     drafter.quantize_for_drafting()
-    assert isinstance(drafter.head.q_proj, QuantDense) and drafter.weight_blocks is not None
+    kind = Q8Dense if module.has_vnni() else QuantDense
+    assert type(drafter.head.q_proj) is kind and type(drafter.lm_head_blocks) is kind
     assert isinstance(head.q_proj, torch.nn.Linear)  # the given head keeps float32 layers
     states = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -174,6 +176,16 @@ def test_drafting_weights_as_q8_0_keep_the_head_and_stay_lossless():
     prompt = [5, 9, 14, 3, 22, 7, 9, 14]
     plain = list(generate_plain(ours, prompt, 40))
     assert list(generate_speculative(ours, drafter, prompt, 40, tree_size=12)) == plain
+    if module.has_vnni():  # the head's layer in one compiled call: the same drafts
+        assert drafter.fused is not None
+        trees = []
+        for fused in (drafter.fused, None):
+            drafter.fused = fused
+            drafter.reset(prompt, 64)
+            drafter.observe([], torch.randn(len(prompt) - 1, 64, generator=torch.Generator().manual_seed(2)))
+            tree = drafter.propose(prompt, 12)
+            trees.append((tree.tokens.tolist(), tree.parents.tolist()))
+        assert trees[0] == trees[1] and len(trees[0][0]) == 12
 
 
 def test_a_small_tree_is_the_best_nodes_of_a_big_one_from_fewer_head_rows():

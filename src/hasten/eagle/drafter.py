@@ -28,8 +28,8 @@ from torch import nn
 from ..decoding.tree import DraftTree
 from ..errors import HastenError
 from ..medusa.heads import find_for_model, lm_head_weight
-from ..models.compact import QuantDense, linears_on_kernels
-from ..models.quant_kernels import BLOCK, block_matmul, kernel_module, linear, quantize_q8_0
+from ..models.compact import Q8Dense, QuantDense, linears_on_kernels
+from ..models.quant_kernels import BLOCK, NO_ROWS, Q8_KIND_CODES, kernel_module, linear, quantize_q8_0
 from .head import EagleCache, EagleHead, LoadedEagle, is_head_folder, load_head
 
 DEPTH = 6  # draft levels
@@ -54,7 +54,8 @@ class EagleDrafter:
                 weight = weight[vocab]
             self.weight = weight.to(dtype).contiguous()  # [Vd, d]
         self.vocab = vocab
-        self.weight_blocks: torch.Tensor | None = None  # `quantize_for_drafting`
+        self.lm_head_blocks: nn.Module | None = None  # `quantize_for_drafting`
+        self.fused: tuple[list[torch.Tensor], list[int]] | None = None  # likewise
         self.embed = embed.detach()
         self.dtype = dtype
         self.cache: EagleCache | None = None
@@ -102,30 +103,76 @@ class EagleDrafter:
                                   f"states start at {first}")
             tokens = torch.tensor(self.context[first + 1:first + 1 + n], device=self.weight.device)
             positions = torch.arange(first, first + n, device=self.weight.device)
-            out = self.head.step(self.embed[tokens].to(self.dtype), states, positions, cache, None)
+            out = self._step(self.embed[tokens].to(self.dtype), states, positions, None)
             self.fed += n
             self.last = out[-1]
         return self.last is not None
 
     def quantize_for_drafting(self) -> None:
         """Where our kernels run (float32 on a CPU with AVX-512): the head's linear layers and
-        the draft-vocabulary LM head as Q8_0 blocks. A proposal streams its weights once per
-        level, so a quarter of the bytes is most of its cost (5.3 ms -> see the README); drafts
-        need no exactness, and the verify step decides every token. On a copy of the head, so
-        the loaded (or trained) one keeps its float32 weights."""
+        the draft-vocabulary LM head as Q8_0 blocks, multiplied with int8-rounded activations
+        where the CPU has VNNI (`Q8Dense`: a level's 8 rows cost little more than one). A
+        proposal streams its weights once per level, so a quarter of the bytes is most of its
+        cost (5.3 ms -> see the README); drafts need no exactness, and the verify step decides
+        every token. On a copy of the head, so the loaded (or trained) one keeps its float32
+        weights."""
         module = kernel_module()
         if (module is None or not module.has_avx512() or self.dtype != torch.float32 or
                 self.weight.device.type != "cpu" or self.weight.shape[1] % BLOCK):
             return
+        int8 = module.has_vnni()
         self.head = copy.deepcopy(self.head)
+        if int8 and self.head.config.head_dim % 16 == 0:
+            self.fused = fused_head_layers(self.head)
         for name, sub in list(self.head.named_children()):
             if isinstance(sub, nn.Linear) and sub.bias is None and sub.in_features % BLOCK == 0:
-                setattr(self.head, name, QuantDense(quantize_q8_0(sub.weight), "Q8_0"))
-        self.weight_blocks = quantize_q8_0(self.weight)
+                layer = QuantDense(quantize_q8_0(sub.weight), "Q8_0")
+                setattr(self.head, name, Q8Dense(layer) if int8 else layer)
+        lm_head = QuantDense(quantize_q8_0(self.weight), "Q8_0")
+        self.lm_head_blocks = Q8Dense(lm_head) if int8 else lm_head
+
+    def _step(self, embeds: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
+              chains: list[list[int]] | None) -> torch.Tensor:
+        """The head over N pairs into its cache (`EagleHead.step`). Pair r attends to the
+        committed pairs and to the cache entries chains[r] (its ancestors' and its own, in
+        order); chains None: causally, each new pair to all before it. With `fused` layers the
+        decoder layer runs as one compiled `block_step` (no input norm, int8 activations,
+        attention over each pair's keys in order) instead of ~40 torch ops."""
+        cache, n, dev = self.cache, embeds.shape[0], embeds.device
+        start = cache.length
+        if self.fused is None:
+            mask = None
+            if chains is not None:
+                mask = torch.zeros(n, start + n, dtype=torch.bool, device=dev)
+                mask[:, :self.fed] = True
+                for r, chain in enumerate(chains):
+                    mask[r, chain] = True
+            return self.head.step(embeds, features, positions, cache, mask)
+        if chains is None:  # pair r: every entry up to its own
+            slots = torch.arange(start + n, device=dev).expand(n, -1).contiguous()
+            counts = torch.arange(start + 1, start + n + 1, device=dev)
+        else:
+            slots = torch.arange(self.fed + max(map(len, chains)), device=dev).repeat(n, 1)
+            rows = [r for r, chain in enumerate(chains) for _ in chain]
+            cols = [self.fed + j for chain in chains for j in range(len(chain))]
+            slots[rows, cols] = torch.tensor([e for chain in chains for e in chain], device=dev)
+            counts = torch.tensor([self.fed + len(chain) for chain in chains], device=dev)
+        head, cfg = self.head, self.head.config
+        x = head.fuse(embeds, features)
+        cache.reserve(n)
+        cos, sin = head.rope(positions, x.dtype)
+        norm = head.post_attention_layernorm
+        out = kernel_module().block_step(
+            x.contiguous(), NO_NORM, norm.weight, norm.eps, self.fused[0], self.fused[1],
+            cos.contiguous(), sin.contiguous(), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+            cache.k[None], cache.v[None], NO_ROWS, NO_ROWS, start, slots, counts, NO_ROWS,
+            cfg.head_dim ** -0.5)
+        cache.length += n
+        return out
 
     def _logprobs(self, states: torch.Tensor) -> torch.Tensor:
-        if self.weight_blocks is not None:
-            return block_matmul(states, self.weight_blocks, "Q8_0").log_softmax(-1)
+        if self.lm_head_blocks is not None:
+            return self.lm_head_blocks(states).log_softmax(-1)
         return linear(states, self.weight).float().log_softmax(-1)
 
     def _ids(self, top: torch.Tensor) -> torch.Tensor:
@@ -155,22 +202,20 @@ class EagleDrafter:
             expand_feats = feats[pick]
             all_tokens = torch.cat(tokens)
             all_parents = torch.cat(parents)
-            # Each chosen node sees the committed pairs and its ancestors' entries.
-            base = self.cache.length
-            mask = torch.zeros(len(chosen), base + len(chosen), dtype=torch.bool, device=dev)
-            mask[:, :self.fed] = True
+            # Each chosen node sees the committed pairs, its ancestors' entries and its own.
+            chains = []
             for r, c in enumerate(chosen.tolist()):
-                a = int(all_parents[c])
+                chain, a = [], int(all_parents[c])
                 while a >= 0:
-                    mask[r, slot[a]] = True
+                    chain.append(slot[a])
                     a = int(all_parents[a])
-                mask[r, base + r] = True
-                slot[c] = base + r
+                chains.append(chain[::-1] + [self.cache.length + r])  # in slot order
+                slot[c] = self.cache.length + r
             # A depth-(level-1) node's pair (parent's feature, its token) sits where the
             # parent's token sits: the root's position for a depth-1 node.
             positions = torch.full((len(chosen),), root_pos + level - 2, device=dev)
-            out = self.head.step(self.embed[all_tokens[chosen]].to(self.dtype), expand_feats,
-                                 positions, self.cache, mask)
+            out = self._step(self.embed[all_tokens[chosen]].to(self.dtype), expand_feats,
+                             positions, chains)
             lp = self._logprobs(out)  # [k', Vd]
             child_score, child_top = lp.topk(k, dim=-1)
             child_score = child_score + torch.cat(scores)[chosen][:, None]
@@ -184,6 +229,20 @@ class EagleDrafter:
         tree, self.last_ranks = rerank(torch.cat(tokens), torch.cat(parents), torch.cat(depths),
                                        torch.cat(scores), size)
         return tree
+
+
+NO_NORM = torch.empty(0)  # `block_step` without an input norm
+
+
+def fused_head_layers(head: EagleHead) -> tuple[list[torch.Tensor], list[int]]:
+    """The head's decoder layer as `block_step` takes it: q/k/v and gate/up concatenated, each
+    weight as Q8_0 blocks in the int8-activation layout."""
+    def packed(*layers: nn.Linear) -> torch.Tensor:
+        weight = torch.cat([layer.weight.detach().float() for layer in layers])
+        return Q8Dense(QuantDense(quantize_q8_0(weight), "Q8_0")).blocks
+    weights = [packed(head.q_proj, head.k_proj, head.v_proj), packed(head.o_proj),
+               packed(head.gate_proj, head.up_proj), packed(head.down_proj)]
+    return weights, [Q8_KIND_CODES["Q8_0"]] * 4
 
 
 def rerank(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,

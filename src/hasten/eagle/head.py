@@ -224,12 +224,16 @@ class EagleCache:
     def capacity(self) -> int:
         return self.k.shape[1]
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = k.shape[1]
+    def reserve(self, n: int) -> None:
+        """Room for n more entries (the buffers double as needed)."""
         if self.length + n > self.capacity:
             grow = max(self.capacity, n)
             self.k = torch.cat([self.k, torch.zeros_like(self.k[:, :grow])], dim=1)
             self.v = torch.cat([self.v, torch.zeros_like(self.v[:, :grow])], dim=1)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = k.shape[1]
+        self.reserve(n)
         self.k[:, self.length:self.length + n] = k
         self.v[:, self.length:self.length + n] = v
         self.length += n

@@ -618,7 +618,7 @@ bool has_avx512() {
 // write_slots[t]) (both empty: row 0, slots start..start+T-1), exact attention over each query's logical keys (slots, counts, rows as for
 // `logical_attention`; rows empty: the cache's row 0), output projection and residual,
 // RMSNorm, gate/up matmul, silu(gate) * up, down projection and residual. kinds: Kind values
-// of the four weights (Q4_1, Q8_0 blocks or F32 [N, K]).
+// of the four weights (Q4_1, Q8_0 blocks or F32 [N, K]; Q4_1_Q8, Q8_0_Q8 in the q8 layout).
 torch::Tensor block_step(const torch::Tensor& x, const torch::Tensor& attn_norm,
                          const torch::Tensor& mlp_norm, double eps, const std::vector<torch::Tensor>& w,
                          const std::vector<int64_t>& kinds, const torch::Tensor& cos,
@@ -634,7 +634,8 @@ torch::Tensor block_step(const torch::Tensor& x, const torch::Tensor& attn_norm,
               "k/v caches [R, KV, cap, hd]; one write row and slot per token");
   auto mm = [&](const torch::Tensor& a, int i) { return block_matmul(a.contiguous(), w[i], static_cast<Kind>(kinds[i])); };
   const int64_t T = x.size(0), q_width = heads * hd, kv_width = kv_heads * hd;
-  auto y = mm(rms_norm(x, attn_norm, eps), 0);  // [T, (H + 2 KV) hd]
+  // An empty attn_norm: none (an EAGLE head's layer takes its fused input as it is).
+  auto y = mm(attn_norm.numel() ? rms_norm(x, attn_norm, eps) : x.contiguous(), 0);  // [T, (H + 2 KV) hd]
   rope_qkv_(y, cos, sin, heads, kv_heads, hd);
   const int64_t cap = k_cache.size(2), width = y.size(1);
   const float* yp = y.data_ptr<float>();
