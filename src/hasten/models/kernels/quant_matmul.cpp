@@ -611,6 +611,15 @@ bool has_avx512() {
 #endif
 }
 
+// a += b for contiguous float32 tensors of one shape (each sum one IEEE addition, as torch's).
+void add_into(torch::Tensor& a, const torch::Tensor& b) {
+  auto bc = b.contiguous();
+  TORCH_CHECK(a.is_contiguous() && a.numel() == bc.numel(), "add_into: two tensors of one shape");
+  float* ap = a.data_ptr<float>();
+  const float* bp = bc.data_ptr<float>();
+  for (int64_t i = 0; i < a.numel(); ++i) ap[i] += bp[i];
+}
+
 // One decoder block for T tokens on the exact float32 path, in one call instead of ~25 torch
 // ops and their Python: x [T, d] (the residual stream) -> x after the block. The same kernels
 // and torch ops in the same order as the Python block (`CompactBlock`), so the same bits:
@@ -652,13 +661,35 @@ torch::Tensor block_step(const torch::Tensor& x, const torch::Tensor& attn_norm,
       std::memcpy(vc + at, yp + t * width + q_width + kv_width + h * hd, hd * sizeof(float));
     }
   }
-  auto q = y.narrow(1, 0, q_width).reshape({T, heads, hd}).permute({1, 0, 2}).contiguous();
+  // The rest with plain loops where torch would spend an op each on a few hundred floats (a
+  // step of a small model is ~400 such ops): the same IEEE additions and products, so the
+  // same bits; silu stays torch's.
+  auto q = torch::empty({heads, T, hd}, y.options());  // [H, T, hd] from the fused rows
+  float* qp = q.data_ptr<float>();
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t t = 0; t < T; ++t)
+      std::memcpy(qp + (h * T + t) * hd, yp + t * width + h * hd, hd * sizeof(float));
   const bool batched = rows.numel() > 0;
   auto attn = logical_attention(q, batched ? k_cache : k_cache[0], batched ? v_cache : v_cache[0],
                                 slots, counts, scale, rows);  // [H, T, hd]
-  auto h1 = x + mm(attn.permute({1, 0, 2}).reshape({T, q_width}), 1);
-  auto gu = mm(rms_norm(h1, mlp_norm, eps), 2).chunk(2, -1);
-  return h1 + mm(at::silu(gu[0]) * gu[1], 3);
+  auto rows_of = torch::empty({T, q_width}, y.options());  // -> [T, H hd]
+  const float* ap = attn.data_ptr<float>();
+  float* rp = rows_of.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < heads; ++h)
+      std::memcpy(rp + t * q_width + h * hd, ap + (h * T + t) * hd, hd * sizeof(float));
+  auto h1 = mm(rows_of, 1);
+  add_into(h1, x);  // x + attention output
+  auto gu = mm(rms_norm(h1, mlp_norm, eps), 2);
+  const int64_t inner = gu.size(1) / 2;
+  auto act = at::silu(gu.narrow(1, 0, inner)).contiguous();  // [T, inner]
+  float* cp = act.data_ptr<float>();
+  const float* up = gu.data_ptr<float>() + inner;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < inner; ++i) cp[t * inner + i] *= up[t * 2 * inner + i];
+  auto out = mm(act, 3);
+  add_into(out, h1);  // h1 + MLP output
+  return out;
 }
 
 // Every decoder block of a step, one after another, in one call (`block_step` per block, the
