@@ -122,8 +122,10 @@ class EagleDrafter:
             return
         int8 = module.has_vnni()
         self.head = copy.deepcopy(self.head)
-        if int8 and self.head.config.head_dim % 16 == 0:
-            self.fused = fused_head_layers(self.head)
+        h = self.head
+        if int8 and h.config.head_dim % 16 == 0 and all(
+                layer.in_features % BLOCK == 0 for layer in (h.q_proj, h.o_proj, h.down_proj)):
+            self.fused = fused_head_layers(h)
         for name, sub in list(self.head.named_children()):
             if isinstance(sub, nn.Linear) and sub.bias is None and sub.in_features % BLOCK == 0:
                 layer = QuantDense(quantize_q8_0(sub.weight), "Q8_0")
