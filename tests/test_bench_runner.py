@@ -50,6 +50,8 @@ def test_mean_accepted_counts_tokens_after_the_first_per_step():
     s = summarize({"spec": r}, "spec")["spec"]
     assert s["accepted_histogram"] == {1: 3, 3: 1}
     assert abs(s["median_time_to_first_token_s"] - 0.2) < 1e-12
+    assert markdown_table({"spec": s}, "spec").splitlines()[0].endswith("| ms to first token (median) |")
+    assert markdown_table({"spec": s}, "spec").splitlines()[2].endswith("| 200.0 |")
     assert MethodResult("x", tokens=[[1]], seconds=[1.0], steps=[None]).mean_accepted is None
 
 

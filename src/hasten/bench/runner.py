@@ -195,7 +195,8 @@ def cpu_name() -> str:
 
 
 def markdown_table(summary: dict[str, dict], baseline: str) -> str:
-    """One row per method; memory columns only when the memory pass ran (and CUDA was used)."""
+    """One row per method; memory columns only when the memory pass ran (and CUDA was used),
+    time to first token where the methods report it (prefill: the prompt, then one token)."""
     memory = any("peak_memory_mb" in s for s in summary.values())
     cuda = any(s.get("cuda_peak_mb") is not None for s in summary.values())
     header = (f"| method | median tok/s | speedup vs {baseline} (median, min-max) | "
@@ -203,7 +204,9 @@ def markdown_table(summary: dict[str, dict], baseline: str) -> str:
     roofline = any("bandwidth_fraction" in s for s in summary.values())
     header += " peak RSS MB (while generating) |" * memory + " CUDA peak MB |" * cuda
     header += " weights MB read per token | of read bandwidth |" * roofline
-    extra = memory + cuda + 2 * roofline
+    ttft = any(s.get("median_time_to_first_token_s") is not None for s in summary.values())
+    header += " ms to first token (median) |" * ttft
+    extra = memory + cuda + 2 * roofline + ttft
     lines = [header, "|---|---:|---:|---:|---:|" + "---:|" * extra]
     for name, s in summary.items():
         if "failed" in s:
@@ -221,6 +224,9 @@ def markdown_table(summary: dict[str, dict], baseline: str) -> str:
             row += f" {_mb(s.get('cuda_peak_mb'))} |"
         if roofline:
             row += _roofline_cells(s)
+        if ttft:
+            first = s.get("median_time_to_first_token_s")
+            row += " - |" if first is None else f" {1e3 * first:.1f} |"
         lines.append(row)
     return "\n".join(lines)
 
