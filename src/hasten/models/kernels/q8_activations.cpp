@@ -46,8 +46,8 @@ constexpr int64_t Q4_1 = 0, Q8_0 = 1;
 // row tile of x passes over them.
 constexpr int64_t CHUNK_GROUPS = 4;
 
-int64_t block_bytes(int64_t kind) { return kind == Q4_1 ? 20 : 34; }
-int64_t scale_bytes(int64_t kind) { return kind == Q4_1 ? 4 : 2; }  // per row: d (and m)
+constexpr int64_t block_bytes(int64_t kind) { return kind == Q4_1 ? 20 : 34; }
+constexpr int64_t scale_bytes(int64_t kind) { return kind == Q4_1 ? 4 : 2; }  // per row: d (and m)
 
 // Where weight row n's block b starts in the packed tensor, and its group's width w.
 struct Place {
@@ -122,7 +122,8 @@ struct Quantized {
 template <bool Q4, int R, int C>
 void tile(const Quantized& xq, int64_t r0, int64_t K, const uint8_t* w0, int64_t stride, int64_t w,
           float* y, int64_t ldy, int64_t ahead) {
-  const int64_t nb = K / QK, bb = Q4 ? 20 : 34, block = w * bb;
+  constexpr int64_t kind = Q4 ? Q4_1 : Q8_0;
+  const int64_t nb = K / QK, block = w * block_bytes(kind);
   const __mmask16 lanes = static_cast<__mmask16>((1u << w) - 1);
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 acc[R][C];
@@ -144,9 +145,10 @@ void tile(const Quantized& xq, int64_t r0, int64_t K, const uint8_t* w0, int64_t
     const int8_t* xb = xq.q.data() + r0 * K + b * QK;
     for (int t = 0; t < STEPS; ++t) {
       for (int c = 0; c < C; ++c) {
-        const uint8_t* pay = blk[c] + (Q4 ? 4 : 2) * w;
+        const uint8_t* pay = blk[c] + scale_bytes(kind) * w;
         __m512i v;
-        if (Q4) {
+        if (Q4) {  // steps t and t + 1 share a vector (low, high nibbles); reading it again for
+                   // t + 1 measured faster than keeping C of them live across steps
           v = _mm512_maskz_loadu_epi32(lanes, pay + (t / 2) * 4 * w);
           v = _mm512_and_si512(t & 1 ? _mm512_srli_epi16(v, 4) : v, low);
         } else {
@@ -175,7 +177,7 @@ void tile(const Quantized& xq, int64_t r0, int64_t K, const uint8_t* w0, int64_t
 template <bool Q4>
 void tiles(int rows, const Quantized& xq, int64_t r0, int64_t K, const uint8_t* w, int64_t N,
            int64_t g0, int64_t g1, float* y, int64_t ldy, int64_t ahead) {
-  const int64_t nb = K / QK, stride = LANES * nb * (Q4 ? 20 : 34);
+  const int64_t nb = K / QK, stride = LANES * nb * block_bytes(Q4 ? Q4_1 : Q8_0);
   int64_t g = g0;
 #define HASTEN_Q8_TILE(R, C)                                                                   \
   for (; g + C <= g1 && (g + C) * LANES <= N; g += C)                                          \
