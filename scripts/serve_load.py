@@ -324,7 +324,7 @@ def tenants(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model spec (default: the embedded model)")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="auto", help="the servers' --dtype (default: auto, as hasten serve)")
     ap.add_argument("--weights", default="auto", help="the servers' --weights (default: auto)")
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--clients", type=int, default=8)

@@ -323,13 +323,13 @@ def test_a_block_in_one_compiled_call_gives_the_python_blocks_bits(tmp_path, cac
 
 @pytest.mark.parametrize("qtypes", [QTYPES, {**QTYPES, "attn_k": Q.F16, "ffn_up": Q.Q4_0}])
 def test_auto_weights_are_compact_with_dense_float32s_bits(tmp_path, cache, kernel, qtypes):
-    """`weights="auto"` (the default) loads a GGUF's blocks where they compute dense float32's
+    """`weights="auto"` (the default; float32 here, as `dtype="auto"` may pick another plan) loads a GGUF's blocks where they compute dense float32's
     bits exactly, leftover tensor types (F16, Q4_0) on the dense kernel: the same logits bit
     for bit, so the same tokens. Elsewhere (bfloat16, a Hugging Face folder) dense."""
     if not kernel.has_avx512():
         pytest.skip("without the AVX-512 kernels auto keeps dense float32 (MKL)")
     cfg, path = tiny_gguf(tmp_path, qtypes, tie_word_embeddings=True)
-    auto = hasten.load(str(path), progress=False)
+    auto = hasten.load(str(path), dtype="float32", progress=False)
     dense = hasten.load(str(path), weights="dense", progress=False)
     assert auto.plan == "compact" and dense.plan == "float32"
     assert any(isinstance(b.wo, QuantDense) for b in auto.backbone.blocks)

@@ -1,4 +1,5 @@
-"""Integration tests on the real embedded model (SmolLM2-135M-Instruct, float32 unless said)."""
+"""Integration tests on the real embedded model (SmolLM2-135M-Instruct, in the default plan,
+`dtype="auto"`, unless said)."""
 
 import subprocess
 import sys
@@ -26,7 +27,8 @@ def reference(model):
     return AutoModelForCausalLM.from_pretrained(model.folder, dtype=torch.float32).eval()
 
 
-def test_greedy_is_token_identical_to_transformers_generate(model, reference):
+def test_greedy_is_token_identical_to_transformers_generate(reference):
+    model = hasten.load(dtype="float32")  # the reference plan: the file's weights in float32
     for prompt in PROMPTS:
         ids = model.encode(prompt)
         ours = list(model.generate_ids(ids, 32))

@@ -4,6 +4,7 @@
 import json
 
 import pytest
+import torch
 
 import hasten
 from hasten import plans
@@ -53,6 +54,36 @@ def test_auto_measures_once_then_reads_the_cached_choice(tmp_path, kernel, cache
     monkeypatch.setattr(plans, "measure_plan", lambda *a, **k: measured.append(a))
     again = hasten.load(str(path), dtype="auto", progress=False)
     assert again.plan == model.plan and not measured
+
+
+def test_auto_is_the_default_and_named_weights_or_other_sources_take_float32(
+        tmp_path, tiny_folder, kernel, cache, monkeypatch):
+    """The default is `dtype="auto"`: a GGUF gets the measured plan; weights named by the caller
+    compute in float32; a Hugging Face folder on a CPU has no plan to choose and loads in
+    float32 without measuring."""
+    _, path = tiny_gguf(tmp_path)
+    chosen = hasten.load(str(path), dtype="auto", progress=False).plan
+    measured = []
+    monkeypatch.setattr(plans, "measure_plan", lambda *a, **k: measured.append(a))
+    assert hasten.load(str(path), progress=False).plan == chosen
+    assert hasten.load(str(path), weights="compact", progress=False).plan == "compact"
+    dense = hasten.load(str(path), weights="dense", progress=False)
+    assert dense.plan == "float32" and dense.backbone.dtype == torch.float32
+    folder = hasten.load(str(tiny_folder), progress=False)
+    assert folder.plan == "float32" and not measured
+    assert not list((cache / "plans").glob(f"*{tiny_folder.name}*"))
+
+
+def test_commands_default_to_auto_except_where_float32_is_the_point():
+    """generate/serve/bench/check take the fastest exact plan; commands whose autograd runs
+    through the layers, or whose answers train heads, keep dense float32."""
+    from hasten.commands import build_parser
+    parser = build_parser()
+    for argv in (["generate", "hi"], ["serve"], ["bench"], ["check"]):
+        assert parser.parse_args(argv).dtype == "auto", argv
+    for argv in (["distill", "--out", "x"], ["train", "medusa", "--data", "d", "--out", "x"],
+                 ["redteam", "gcg"], ["export", "medusa", "out"]):
+        assert parser.parse_args(argv).dtype == "float32", argv
 
 
 def test_check_shows_every_plan_and_the_auto_choice(tmp_path, kernel, cache, capsys):

@@ -257,7 +257,7 @@ class Model:
         return "".join(self.stream(prompt, max_new_tokens, **kwargs))
 
 
-def load(model: str | None = None, device: str = "cpu", dtype: str | torch.dtype = "float32",
+def load(model: str | None = None, device: str = "cpu", dtype: str | torch.dtype = "auto",
          runtime: str = "auto", progress: bool = True, weights: str = "auto") -> Model:
     """Load a model by spec: None/"smollm2-135m-instruct" (embedded default), a .gguf file, or a
     Hugging Face folder. `runtime`: "lean" (our Llama-family runtime), "hf" (the generic
@@ -266,11 +266,15 @@ def load(model: str | None = None, device: str = "cpu", dtype: str | torch.dtype
     Q4_1 / Q8_0 blocks kept as they are and multiplied by weight-only kernels whose weights
     are exactly the file's values; float32 activations, CPU) or "compact-q8" (those blocks,
     each matmul's input rounded to int8 blocks of 32 as llama.cpp does; integer dot
-    products, AVX-512 VNNI) or "auto" (the default: compact where it computes dense
-    float32's bits, see `auto_weights`, else dense). `dtype="auto"`: the fastest
-    plan that is exact on this machine (`hasten.plans`; measured once, then cached)."""
+    products, AVX-512 VNNI) or "auto" (compact where it computes dense float32's bits, see
+    `auto_weights`, else dense). `dtype="auto"` (the default) with `weights="auto"`: the
+    fastest plan that is exact on this machine (`hasten.plans`; measured once, then cached);
+    with weights named, float32 activations (the reference for dense weights)."""
     if isinstance(dtype, str) and dtype == "auto":
-        return _load_auto(model, device, runtime, progress)
+        if weights != "auto":
+            dtype = "float32"  # the weights were chosen; compact plans compute in float32
+        else:
+            return _load_auto(model, device, runtime, progress)
     if weights == "auto":
         weights = auto_weights(model, device, dtype, runtime, progress)
     loaded = load_backbone(model, device, dtype, runtime, progress, weights)
@@ -328,17 +332,22 @@ def _dense_on_kernels(model: Model) -> bool:
 
 
 def _load_auto(spec: str | None, device: str, runtime: str, progress: bool) -> Model:
-    """The plan cached for this model and machine, or every candidate measured now (about a
-    minute, once) and the fastest exact one kept."""
+    """The plan cached for this model and machine, or every candidate measured now (about half
+    a minute, once) and the fastest exact one kept. On a CPU only a GGUF on the lean runtime
+    has plans to choose from (compact, compact-q8); other models load in float32, as dense
+    half precision's plain step was slower than float32's on every CPU measured (AMD EPYC,
+    Intel Ice Lake, Xeon with AMX: per-op overhead, not bandwidth, sets its pace)."""
     from .models.sources import resolve_model
     from .plans import candidates, choice_file, measure_plan, plan_args, read_choice, save_choice
 
     resolved = resolve_model(spec, progress=progress)
     device = str(parse_device(device))
+    lean = resolved.lean and runtime != "hf"
+    if device == "cpu" and not (resolved.gguf is not None and lean):
+        return load(spec, device=device, dtype="float32", runtime=runtime, progress=progress)
     path = choice_file(resolved.folder.name, device, runtime)
     plan = read_choice(path)
     if plan is None:
-        lean = resolved.lean and runtime != "hf"
         plans = [p for p in candidates(resolved.gguf is not None, lean)
                  if not p.startswith("compact") or device == "cpu"]
         print(f"hasten: --dtype auto: measuring {', '.join(plans)} on this machine (once)...",

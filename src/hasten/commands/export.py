@@ -43,7 +43,7 @@ def _common_args(p, formats: tuple[str, ...], default: str | None) -> None:
     p.add_argument("--out", "-o", type=Path, default=None, help="output folder (or DIR)")
     p.add_argument("--format", choices=formats, default=default, required=default is None,
                    help="the server whose loader reads the folder")
-    add_model_args(p, weights="dense")
+    add_model_args(p, weights="dense", dtype="float32")
     p.add_argument("--save-dtype", default=None,
                    help="dtype of the written weights: float32, bfloat16 or float16 (default: "
                         "--dtype, the one the model and heads are loaded in)")

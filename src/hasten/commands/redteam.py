@@ -37,7 +37,7 @@ def register(sub) -> None:
     p = rsub.add_parser("gcg", help="GCG adversarial-suffix search, optionally sped up by probe "
                                     "sampling", description=DESCRIPTION,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p, weights="dense")  # GCG takes gradients through the layers
+    add_model_args(p, weights="dense", dtype="float32")  # GCG takes gradients through the layers
     p.add_argument("--method", default="gcg",
                    help="gcg, probe, or both comma-separated (gcg,probe) (default: gcg)")
     p.add_argument("--goals", type=int, default=10,

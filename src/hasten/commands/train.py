@@ -26,7 +26,7 @@ def register(sub) -> None:
                     "command to resume. Medusa-2 (--joint): backbone (LoRA or full) and heads "
                     "trained together; writes a merged model folder --out/model with the heads "
                     "in --out/model/medusa.")
-    add_model_args(m, weights="dense")  # heads train against the dense layers
+    add_model_args(m, weights="dense", dtype="float32")  # heads train against the dense layers
     m.add_argument("--data", type=Path, required=True, help="distilled JSONL (hasten distill)")
     m.add_argument("--out", "-o", type=Path, required=True, help="output folder for the heads")
     m.add_argument("--train-device", default=None,
@@ -81,7 +81,7 @@ def register(sub) -> None:
                         description="Measure the heads' ranks on held-out distilled records and "
                                     "store a new tree (and optionally a new draft vocabulary) "
                                     "with them, without retraining.")
-    add_model_args(r, weights="dense")  # heads train against the dense layers
+    add_model_args(r, weights="dense", dtype="float32")  # heads train against the dense layers
     r.add_argument("--heads-dir", type=Path, required=True, help="folder of trained heads")
     r.add_argument("--data", type=Path, required=True, help="distilled JSONL")
     r.add_argument("--holdout", type=float, default=0.05)
@@ -105,7 +105,7 @@ def _register_eagle(tsub) -> None:
                     "distribution (EAGLE-1 loss), optionally unrolled on its own outputs "
                     "(--unroll, EAGLE-3's training-time test). Rerun the same command to resume. "
                     "--data sharegpt trains on ShareGPT answers (teacher forcing: no generation).")
-    add_model_args(e, weights="dense")  # heads train against the dense layers
+    add_model_args(e, weights="dense", dtype="float32")  # heads train against the dense layers
     e.add_argument("--data", required=True,
                    help="distilled JSONL (hasten distill), or 'sharegpt' for ShareGPT answers")
     e.add_argument("--records", type=int, default=2000,
