@@ -186,6 +186,37 @@ def test_logical_attention_weights_are_exact_softmax_over_a_wide_range(kernel, s
     assert (out[0].double() - want).abs().max() < 2e-6
 
 
+@pytest.mark.parametrize("spread", [1.0, 30.0])
+def test_long_key_sequences_split_into_parts_keep_row_invariance(kernel, spread):
+    """Queries with more than 512 keys are computed in parts of 512 logical positions (spread
+    over the threads) and combined in order: a query gives the same bits alone or beside
+    queries with fewer or more keys, and stays within float32 noise of float64 softmax even
+    when the parts' maxima differ by hundreds (spread 30)."""
+    from hasten.models.exact_attention import plan_keys
+    from hasten.models.quant_kernels import logical_attention
+    g = torch.Generator().manual_seed(2)
+    heads, kv, d, start, t = 9, 3, 64, 1290, 4
+    q = torch.randn(1, heads, t, d, generator=g) * spread
+    k = torch.randn(1, kv, start + t, d, generator=g)
+    v = torch.randn(1, kv, start + t, d, generator=g)
+    k[:, :, 600:700] *= 3  # the second part's scores reach higher than the first's
+    mask = torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)
+    mask[0, 300:] = False  # one query with 300 keys: a single part, as before the split
+    out = logical_attention(q, k, v, plan_keys(mask, start, t, "cpu", False, True), d ** -0.5)
+    for i in range(t):
+        slots = mask[i].nonzero().squeeze(1)
+        sub = torch.zeros(t, start + t, dtype=torch.bool)
+        sub[0] = mask[i]
+        alone = logical_attention(q[:, :, i:i + 1], k, v, plan_keys(sub[:1], start + t - 1, 1, "cpu",
+                                                                    False, True), d ** -0.5)
+        assert torch.equal(alone[0, :, 0], out[0, :, i]), i
+        kk = k[0, :, slots].double().repeat_interleave(heads // kv, 0)
+        vv = v[0, :, slots].double().repeat_interleave(heads // kv, 0)
+        want = torch.softmax(q[0, :, i:i + 1].double() @ kk.transpose(-1, -2) * d ** -0.5, -1) @ vv
+        # spread 30: scores of a few hundred, which float32 rounds by ~1e-5 (unsplit: the same)
+        assert (out[0, :, i].double() - want[:, 0]).abs().max() < 5e-6 * spread ** 0.5, i
+
+
 # ---- dense float32 on the same kernels ------------------------------------------------------
 
 def test_dense_float32_kernel_rows_do_not_depend_on_the_row_count(kernel):

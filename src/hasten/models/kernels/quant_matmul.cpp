@@ -258,9 +258,14 @@ inline float score_block(const Q& q, int64_t DV, const float* kbase, const int64
 // output lane sums its keys one after another. Only the loop order differs: the output loop
 // runs key after key over all DV x G sums at once (the general loop runs one chunk's G sums
 // over all keys, a chain of dependent multiply-adds that waits on their latency).
+//
+// `part` null: the outputs, normalised, to outs[g]. Else this call is one part of a longer key
+// sequence (see PART below): per head its max, its sum of weights and its unnormalised
+// output sums go to part[g * (D + 2) ...] as (max, sum, D sums), for `combine_parts`.
 template <int DV, int G>
 void attend_fixed(const float* qs, const float* kbase, const float* vbase, const int64_t* st,
-                  int64_t n, int64_t cap, float* scores, int64_t stride, float* const* outs) {
+                  int64_t n, int64_t cap, float* scores, int64_t stride, float* const* outs,
+                  float* part) {
   constexpr int64_t D = DV * 16;
   __m512 qv[G][DV];
   for (int g = 0; g < G; ++g)
@@ -285,13 +290,47 @@ void attend_fixed(const float* qs, const float* kbase, const float* vbase, const
       for (int g = 0; g < G; ++g) acc[c][g] = _mm512_fmadd_ps(w[g], vv, acc[c][g]);
     }
   }
+  if (part != nullptr) {
+    for (int g = 0; g < G; ++g) {
+      float* pg = part + g * (D + 2);
+      pg[0] = m[g];
+      pg[1] = total[g];
+      for (int c = 0; c < DV; ++c) _mm512_storeu_ps(pg + 2 + c * 16, acc[c][g]);
+    }
+    return;
+  }
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < DV; ++c)
       _mm512_storeu_ps(outs[g] + c * 16, _mm512_div_ps(acc[c][g], _mm512_set1_ps(total[g])));
 }
 
 using AttendFixed = void (*)(const float*, const float*, const float*, const int64_t*, int64_t,
-                             int64_t, float*, int64_t, float* const*);
+                             int64_t, float*, int64_t, float* const*, float*);
+
+// Keys per part: a query with more keys than this is split at logical positions PART, 2 PART, ...
+// (whatever else shares the call), the parts computed independently (spread over the threads:
+// one query's 3 kv heads alone would keep one of two threads idle a third of the time) and
+// combined in order. A query with at most PART keys runs in one part, as before the split.
+constexpr int64_t PART = 512;
+
+// One query head's parts (np of them, `D + 2` floats apart: max, sum, D output sums), in
+// order: each rescaled by exp(its max - the overall max), summed, then normalised.
+inline void combine_parts(const float* part, int64_t np, int64_t pstride, int64_t D, float* out) {
+  float top = -INFINITY;
+  for (int64_t p = 0; p < np; ++p) top = std::max(top, part[p * pstride]);
+  __m512 acc[16];
+  for (int64_t c = 0; c < D / 16; ++c) acc[c] = _mm512_setzero_ps();
+  float total = 0.f;
+  for (int64_t p = 0; p < np; ++p) {
+    const float* pp = part + p * pstride;
+    const __m512 scale = hasten_kernels::exp16(_mm512_set1_ps(pp[0] - top));
+    total = std::fma(_mm512_cvtss_f32(scale), pp[1], total);
+    for (int64_t c = 0; c < D / 16; ++c)
+      acc[c] = _mm512_fmadd_ps(scale, _mm512_loadu_ps(pp + 2 + c * 16), acc[c]);
+  }
+  const __m512 inv = _mm512_set1_ps(total);
+  for (int64_t c = 0; c < D / 16; ++c) _mm512_storeu_ps(out + c * 16, _mm512_div_ps(acc[c], inv));
+}
 
 // The compiled shapes: head sizes 32, 64, 128 with up to 16 output sums in registers.
 AttendFixed attend_for(int64_t DV, int64_t G) {
@@ -321,8 +360,10 @@ AttendFixed attend_for(int64_t DV, int64_t G) {
 // j-th logical key), counts [T] (its number of keys). For every (head, query) the same fixed
 // sequence runs over its keys in logical order: scores, their max, exp (one vectorised exp
 // over chunks of 16 counted from key 0, the tail padded with -inf), the sum of weights and
-// the weighted sum of values, key after key. So a query's output depends on its own keys
-// only: not on how many queries share the call, where its keys sit, or what else is cached.
+// the weighted sum of values, key after key. Past PART keys (AVX-512 path) that sequence runs
+// per part of PART logical positions and the parts are combined in order (`combine_parts`).
+// So a query's output depends on its own keys only: not on how many queries share the call,
+// where its keys sit, or what else is cached.
 //
 // Batched: k and v [R, KV, capacity, D] (a batch of cache rows) with `rows` [T], the cache row of
 // each query; `rows` empty: k and v are one row, [KV, capacity, D]. The arithmetic per query is
@@ -357,6 +398,43 @@ torch::Tensor logical_attention(const torch::Tensor& q, const torch::Tensor& k,
   TORCH_CHECK(group <= 16, "at most 16 query heads per kv head");
   const int64_t DV = D / 16;
   const AttendFixed fixed = attend_for(DV, group);
+  if (fixed != nullptr) {
+    // Work items (kv head, query, part); a query's parts past its own count are empty.
+    const int64_t parts = std::max<int64_t>(1, (W + PART - 1) / PART), pstride = group * (D + 2);
+    std::vector<float> partial(parts > 1 ? KV * T * parts * pstride : 0);
+    at::parallel_for(0, KV * T * parts, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> scores(group * std::min<int64_t>(chunks * 16, PART));
+      std::vector<float> qs(group * D);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t p = i % parts, kvh = i / parts / T, t = i / parts % T;
+        const int64_t n = std::min(cp[t], W), np = (n + PART - 1) / PART;
+        if (p >= std::max<int64_t>(np, 1)) continue;
+        const int64_t row = batched ? std::min(std::max<int64_t>(rp[t], 0), R - 1) : 0;
+        const int64_t kv = row * KV + kvh;
+        for (int64_t g = 0; g < group; ++g)
+          for (int64_t d = 0; d < D; ++d)
+            qs[g * D + d] = qp[((kvh * group + g) * T + t) * D + d] * static_cast<float>(scale);
+        float* outs[16];
+        for (int64_t g = 0; g < group; ++g) outs[g] = op + ((kvh * group + g) * T + t) * D;
+        const int64_t j0 = p * PART, stride = std::min<int64_t>(chunks * 16, PART);
+        fixed(qs.data(), kp + kv * cap * D, vp + kv * cap * D, sp + t * W + j0,
+              std::min(n - j0, PART), cap, scores.data(), stride, outs,
+              np > 1 ? partial.data() + ((kvh * T + t) * parts + p) * pstride : nullptr);
+      }
+    });
+    if (parts > 1)
+      at::parallel_for(0, KV * T, 1, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t kvh = i / T, t = i % T;
+          const int64_t np = (std::min(cp[t], W) + PART - 1) / PART;
+          if (np < 2) continue;
+          for (int64_t g = 0; g < group; ++g)
+            combine_parts(partial.data() + i * parts * pstride + g * (D + 2), np, pstride, D,
+                          op + ((kvh * group + g) * T + t) * D);
+        }
+      });
+    return out;
+  }
   at::parallel_for(0, KV * T, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(group * chunks * 16);
     std::vector<float> qs(group * D);
@@ -369,13 +447,6 @@ torch::Tensor logical_attention(const torch::Tensor& q, const torch::Tensor& k,
       for (int64_t g = 0; g < group; ++g)
         for (int64_t d = 0; d < D; ++d)
           qs[g * D + d] = qp[((kvh * group + g) * T + t) * D + d] * static_cast<float>(scale);
-      if (fixed != nullptr) {
-        float* outs[16];
-        for (int64_t g = 0; g < group; ++g) outs[g] = op + ((kvh * group + g) * T + t) * D;
-        fixed(qs.data(), kp + kv * cap * D, vp + kv * cap * D, st, n, cap, scores.data(),
-              chunks * 16, outs);
-        continue;
-      }
       float m[16];
       for (int64_t g = 0; g < group; ++g) m[g] = -INFINITY;
       for (int64_t j0 = 0; j0 < n; j0 += 16)  // scores: q . k over D in 16-lane chunks, then summed
