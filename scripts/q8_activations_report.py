@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     args = ap.parse_args()
-    plans = {"float32": hasten.load(progress=False), "compact": hasten.load(weights="compact", progress=False),
+    plans = {"float32": hasten.load(dtype="float32", progress=False), "compact": hasten.load(weights="compact", progress=False),
              "compact-q8": hasten.load(weights="compact-q8", progress=False)}
     prompts = load_prompts("chat", args.limit)
     speed = {p: [] for p in ("compact", "compact-q8")}

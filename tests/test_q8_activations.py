@@ -112,3 +112,51 @@ def test_compact_q8_says_what_to_do_where_the_kernel_cannot_be_built(tmp_path, c
         load_backbone(str(path), weights="compact-q8")
     assert "compact-q8" not in hasten.plans.candidates(has_gguf=True, lean=True)
 
+
+
+def test_compact_q8_keeps_a_float16_cache_and_stays_exact(tmp_path, cache, kernel):
+    """compact-q8 stores K/V in float16 where the compiled attention reads it (head size 32
+    here): the cache is half precision, speculative decoding still gives plain decoding's tokens,
+    tree nodes are bit-identical to plain steps, and a batch row gets its solo logits bit for
+    bit. A head size without the register-resident loop (16) keeps float32."""
+    from hasten.decoding.batched import BatchedDecoder
+    from hasten.models.compact import half_cache_fits
+    cfg, path = tiny_gguf(tmp_path, head_dim=32, num_heads=4, num_kv_heads=2)
+    assert half_cache_fits(cfg) and not half_cache_fits(cfg.__class__(**{**vars(cfg), "head_dim": 16}))
+    model = hasten.load(str(path), weights="compact-q8", progress=False)
+    b = model.backbone
+    assert b.kv_dtype == torch.float16 and b.exact
+    ids = model.encode("hello hello hello", chat=False)
+    plain = list(model.generate_ids(ids, 24, ignore_eos=True))
+    assert b._k.dtype == torch.float16  # noqa: SLF001
+    assert list(model.generate_ids(ids, 24, ignore_eos=True, draft="lookup", tree_size=4)) == plain
+    result = check_exactness(b, trials=4)
+    assert result.exact, result.why
+    prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (9, 17)]
+    decoder = BatchedDecoder(b, 2, 128)
+    assert decoder.k.dtype == torch.float16
+    seqs = [decoder.add(p) for p in prompts]
+    logits, _ = decoder._forward(decoder._layout([None, None]))  # noqa: SLF001
+    for r, (p, seq) in enumerate(zip(prompts, seqs)):
+        b.reset(1, 128)
+        b.forward(torch.tensor([p]))
+        b.commit()
+        assert torch.equal(logits[r], b.forward(torch.tensor([[seq.tokens[0]]])).logits[0, -1]), r
+
+
+def test_attention_over_a_float16_cache_equals_the_same_values_in_float32(kernel):
+    """The compiled attention converts float16 keys and values exactly: the same bits as over a
+    float32 cache holding the same (rounded) values, split parts included (> 512 keys)."""
+    if not qk.kernel_module().has_avx512():
+        pytest.skip("a float16 cache needs the AVX-512 kernels")
+    g = torch.Generator().manual_seed(4)
+    heads, kv, d, cap = 9, 3, 64, 1400
+    k, v = (torch.randn(kv, cap, d, generator=g).half() for _ in range(2))
+    for t, n in ((1, 100), (3, 1300)):
+        q = torch.randn(heads, t, d, generator=g)
+        slots = torch.arange(n).repeat(t, 1).contiguous()
+        counts = torch.arange(n - t + 1, n + 1)
+        run = lambda kk, vv: qk.kernel_module().logical_attention(  # noqa: E731
+            q, kk, vv, slots, counts, d ** -0.5, qk.NO_ROWS)
+        assert torch.equal(run(k, v), run(k.float(), v.float())), (t, n)

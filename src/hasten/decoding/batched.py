@@ -97,8 +97,8 @@ class BatchedDecoder:
         self.capacity = -(-capacity // BLOCK) * BLOCK
         shape = (cfg.num_layers, rows, cfg.num_kv_heads, self.capacity, cfg.head_dim)
         # Zeros, not empty: masked keys get weight exactly 0, and 0 * NaN would still be NaN.
-        self.k = torch.zeros(shape, dtype=model.dtype, device=model.device)
-        self.v = torch.zeros(shape, dtype=model.dtype, device=model.device)
+        self.k = torch.zeros(shape, dtype=model.cache_dtype, device=model.device)
+        self.v = torch.zeros(shape, dtype=model.cache_dtype, device=model.device)
         inv_freq, divisor = rope_inv_freq(cfg)
         angles = torch.outer(torch.arange(self.capacity, dtype=torch.float64) / divisor, inv_freq)
         angles = torch.cat([angles, angles], dim=-1)
@@ -320,7 +320,8 @@ class BatchedDecoder:
                 out = exact_attention(qr, kr, vr, plan, scale)
             else:
                 end = self.sequences[r].length + t
-                out = F.scaled_dot_product_attention(qr, kr[:, :, :end], vr[:, :, :end],
+                out = F.scaled_dot_product_attention(qr, kr[:, :, :end].to(qr.dtype),
+                                                     vr[:, :, :end].to(qr.dtype),
                                                      attn_mask=plan[None, None],
                                                      enable_gqa=block.n_kv != block.n_heads)
             attn[start:start + t] = out[0].transpose(0, 1)[:, :, None]
@@ -332,7 +333,7 @@ class BatchedDecoder:
             return batched_exact_attention(q, self.k[layer], self.v[layer], lengths + 1,
                                            block.hd ** -0.5)
         n, keys = q.shape[0], int(lengths.max()) + 1
-        k, v = self.k[layer, :n, :, :keys], self.v[layer, :n, :, :keys]
+        k, v = self.k[layer, :n, :, :keys].to(q.dtype), self.v[layer, :n, :, :keys].to(q.dtype)
         gqa = block.n_kv != block.n_heads
         if n == 1:  # the solo plain step, call for call
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
@@ -392,8 +393,8 @@ def batched_exact_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     nt = -(-int(keys.max()) // BLOCK)
     width = nt * BLOCK
     qg = (q * scale).reshape(n, kv, group, d)[:, :, None]  # [n, KV, 1, G, D]
-    k = k_cache[:n, :, :width].reshape(n, kv, nt, BLOCK, d)
-    v = v_cache[:n, :, :width].reshape(n, kv, nt, BLOCK, d)
+    k = k_cache[:n, :, :width].to(dtype).reshape(n, kv, nt, BLOCK, d)
+    v = v_cache[:n, :, :width].to(dtype).reshape(n, kv, nt, BLOCK, d)
     scores = (qg @ k.transpose(-1, -2)).float()  # [n, KV, nt, G, B]
     hidden = torch.arange(width, device=q.device)[None] >= keys[:, None]  # [n, W]
     scores.masked_fill_(hidden.reshape(n, 1, nt, 1, BLOCK), float("-inf"))

@@ -331,7 +331,8 @@ def build_compact_llama(cfg: LlamaConfig, gguf_path: str | Path,
                         activations: str = "float32") -> tuple[LlamaModel, CompactSummary]:
     """The lean runtime (CPU) over the GGUF file's blocks. `activations`: "float32" (the
     reference's function), or "q8": every compact matmul's input rounded to int8 blocks, as
-    llama.cpp computes (`Q8Dense`); norms, attention and the KV cache stay float32."""
+    llama.cpp computes (`Q8Dense`), and the KV cache in float16 as llama.cpp keeps it
+    (`half_cache_fits`); norms and attention stay float32."""
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {ACTIVATIONS}")
     arch, listed = gguf_tensors(gguf_path, cache_root() / "gguf-index")
@@ -375,6 +376,8 @@ def build_compact_llama(cfg: LlamaConfig, gguf_path: str | Path,
         model.lm_head = _linear([matrix("lm_head.weight")], None, summary)
     if activations == "q8":
         _round_activations(model)
+        if half_cache_fits(cfg):
+            model.kv_dtype = torch.float16
     _leftovers_on_kernels(model)
     _kernel_runtime(model)
     return model.eval().requires_grad_(False), summary
@@ -386,6 +389,15 @@ def _leftovers_on_kernels(model: LlamaModel) -> None:
     compact model computes what the dense float32 model computes, bit for bit."""
     if can_run_dense_on_kernels(model):
         _replace_layers(model, Dense, KernelDense)
+
+
+def half_cache_fits(cfg: LlamaConfig) -> bool:
+    """Whether the compiled attention reads a float16 cache for this shape: its register-resident
+    loop (`attend_fixed`) exists for head sizes 32 / 64 / 128 with at most 8 / 4 / 2 query heads
+    per kv head. Half the bytes per cached token: at 2,000 tokens of context attention reads as
+    much as the weights (compact-q8, the default model)."""
+    group = cfg.num_heads // cfg.num_kv_heads
+    return {32: 8, 64: 4, 128: 2}.get(cfg.head_dim, 0) >= group
 
 
 def _round_activations(model: LlamaModel) -> None:

@@ -91,7 +91,7 @@ def exact_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     group = heads // kv
     dtype = q.dtype
     qg = (q[0] * scale).reshape(kv, group * t, d)  # heads of one kv head together: [KV, G*T, D]
-    k, v = k_cache[0], v_cache[0]  # [KV, capacity, D]
+    k, v = k_cache[0].to(dtype), v_cache[0].to(dtype)  # [KV, capacity, D] (a float16 cache: converted)
     nt = plan.tail_hidden.shape[1]
     width = nt * BLOCK
     if plan.tail_slots is None and width <= k.shape[1]:  # slots 0..width-1, copied in order

@@ -131,9 +131,9 @@ class Block(nn.Module):
         v_cache[:, :, start:end] = v
         if plan is not None:  # decode and verify steps: the same numbers for the same token
             attn = exact_attention(q, k_cache, v_cache, plan, self.hd ** -0.5)
-        else:
+        else:  # a float16 cache (`LlamaModel.kv_dtype`) is read back in the queries' dtype
             attn = F.scaled_dot_product_attention(
-                q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask,
+                q, k_cache[:, :, :end].to(q.dtype), v_cache[:, :, :end].to(q.dtype), attn_mask=mask,
                 is_causal=mask is None and start == 0 and t > 1,
                 enable_gqa=self.n_kv != self.n_heads)
         return self.mix(x, attn)
@@ -156,6 +156,10 @@ class LlamaModel(nn.Module):
         self.length = 0
         self._pending = 0
         self._k = self._v = None
+        # The KV cache's dtype; None: the model's. compact-q8 keeps it in float16 (as llama.cpp
+        # does): half the bytes attention reads per step. Every step reads K/V back from the
+        # cache, its own token's too, so plain and verify steps see the same rounded values.
+        self.kv_dtype: torch.dtype | None = None
         # Decode and verify steps through `exact_attention`, so a token's logits and K/V do not
         # depend on whether it was decoded alone or verified in a tree. False: SDPA throughout.
         # `build_llama` turns it on for bfloat16 / float16 (see `hasten.api.Model.choose_attention`).
@@ -184,6 +188,10 @@ class LlamaModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.norm.weight.dtype
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return self.kv_dtype or self.dtype
 
     # ---- weights -------------------------------------------------------------------------
 
@@ -237,9 +245,9 @@ class LlamaModel(nn.Module):
         if usable and self._k.shape[1] == batch_size and allocated >= capacity:
             capacity = allocated  # reuse the allocation: a larger cache is never wrong
         shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, capacity, cfg.head_dim)
-        if not usable or self._k.shape != shape:
-            self._k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            self._v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if not usable or self._k.shape != shape or self._k.dtype != self.cache_dtype:
+            self._k = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
+            self._v = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
             inv_freq, divisor = rope_inv_freq(cfg)
             angles = torch.outer(torch.arange(capacity, dtype=torch.float64) / divisor, inv_freq)
             angles = torch.cat([angles, angles], dim=-1)

@@ -232,18 +232,24 @@ inline float exp_weights(float* sg, int64_t n, int64_t stride, float top) {
   return total;
 }
 
+// 16 cached values as float32: a float32 cache as it is, a float16 one converted (exact).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
 // One head's scores for keys j0 .. j0 + 15 (those from n on: 0, unused): per key the fused
 // multiply-adds of its DV 16-lane chunks from zero, then its horizontal sum (`reduce16`: the
 // pairs of _mm512_reduce_add_ps, 16 keys at once). Stored at sg[j0..], their max returned.
-template <typename Q>
-inline float score_block(const Q& q, int64_t DV, const float* kbase, const int64_t* st,
+template <typename Q, typename KV>
+inline float score_block(const Q& q, int64_t DV, const KV* kbase, const int64_t* st,
                          int64_t j0, int64_t n, int64_t cap, float* sg) {
   __m512 acc[16];
   for (int64_t jj = 0; jj < 16; ++jj) {
     acc[jj] = _mm512_setzero_ps();
     if (j0 + jj >= n) continue;
-    const float* kj = kbase + std::min(std::max<int64_t>(st[j0 + jj], 0), cap - 1) * DV * 16;
-    for (int64_t c = 0; c < DV; ++c) acc[jj] = _mm512_fmadd_ps(q(c), _mm512_loadu_ps(kj + c * 16), acc[jj]);
+    const KV* kj = kbase + std::min(std::max<int64_t>(st[j0 + jj], 0), cap - 1) * DV * 16;
+    for (int64_t c = 0; c < DV; ++c) acc[jj] = _mm512_fmadd_ps(q(c), load16(kj + c * 16), acc[jj]);
   }
   const __m512 sums = hasten_kernels::reduce16(acc);
   _mm512_storeu_ps(sg + j0, sums);
@@ -262,8 +268,8 @@ inline float score_block(const Q& q, int64_t DV, const float* kbase, const int64
 // `part` null: the outputs, normalised, to outs[g]. Else this call is one part of a longer key
 // sequence (see PART below): per head its max, its sum of weights and its unnormalised
 // output sums go to part[g * (D + 2) ...] as (max, sum, D sums), for `combine_parts`.
-template <int DV, int G>
-void attend_fixed(const float* qs, const float* kbase, const float* vbase, const int64_t* st,
+template <int DV, int G, typename KV>
+void attend_fixed(const float* qs, const KV* kbase, const KV* vbase, const int64_t* st,
                   int64_t n, int64_t cap, float* scores, int64_t stride, float* const* outs,
                   float* part) {
   constexpr int64_t D = DV * 16;
@@ -282,11 +288,11 @@ void attend_fixed(const float* qs, const float* kbase, const float* vbase, const
   for (int c = 0; c < DV; ++c)
     for (int g = 0; g < G; ++g) acc[c][g] = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
-    const float* vj = vbase + std::min(std::max<int64_t>(st[j], 0), cap - 1) * D;
+    const KV* vj = vbase + std::min(std::max<int64_t>(st[j], 0), cap - 1) * D;
     __m512 w[G];
     for (int g = 0; g < G; ++g) w[g] = _mm512_set1_ps(scores[g * stride + j]);
     for (int c = 0; c < DV; ++c) {
-      const __m512 vv = _mm512_loadu_ps(vj + c * 16);
+      const __m512 vv = load16(vj + c * 16);
       for (int g = 0; g < G; ++g) acc[c][g] = _mm512_fmadd_ps(w[g], vv, acc[c][g]);
     }
   }
@@ -304,7 +310,8 @@ void attend_fixed(const float* qs, const float* kbase, const float* vbase, const
       _mm512_storeu_ps(outs[g] + c * 16, _mm512_div_ps(acc[c][g], _mm512_set1_ps(total[g])));
 }
 
-using AttendFixed = void (*)(const float*, const float*, const float*, const int64_t*, int64_t,
+template <typename KV>
+using AttendFixed = void (*)(const float*, const KV*, const KV*, const int64_t*, int64_t,
                              int64_t, float*, int64_t, float* const*, float*);
 
 // Keys per part: a query with more keys than this is split at logical positions PART, 2 PART, ...
@@ -333,24 +340,72 @@ inline void combine_parts(const float* part, int64_t np, int64_t pstride, int64_
 }
 
 // The compiled shapes: head sizes 32, 64, 128 with up to 16 output sums in registers.
-AttendFixed attend_for(int64_t DV, int64_t G) {
+template <typename KV>
+AttendFixed<KV> attend_for(int64_t DV, int64_t G) {
   switch (DV * 100 + G) {
-    case 201: return attend_fixed<2, 1>;
-    case 202: return attend_fixed<2, 2>;
-    case 203: return attend_fixed<2, 3>;
-    case 204: return attend_fixed<2, 4>;
-    case 205: return attend_fixed<2, 5>;
-    case 206: return attend_fixed<2, 6>;
-    case 207: return attend_fixed<2, 7>;
-    case 208: return attend_fixed<2, 8>;
-    case 401: return attend_fixed<4, 1>;
-    case 402: return attend_fixed<4, 2>;
-    case 403: return attend_fixed<4, 3>;
-    case 404: return attend_fixed<4, 4>;
-    case 801: return attend_fixed<8, 1>;
-    case 802: return attend_fixed<8, 2>;
+    case 201: return attend_fixed<2, 1, KV>;
+    case 202: return attend_fixed<2, 2, KV>;
+    case 203: return attend_fixed<2, 3, KV>;
+    case 204: return attend_fixed<2, 4, KV>;
+    case 205: return attend_fixed<2, 5, KV>;
+    case 206: return attend_fixed<2, 6, KV>;
+    case 207: return attend_fixed<2, 7, KV>;
+    case 208: return attend_fixed<2, 8, KV>;
+    case 401: return attend_fixed<4, 1, KV>;
+    case 402: return attend_fixed<4, 2, KV>;
+    case 403: return attend_fixed<4, 3, KV>;
+    case 404: return attend_fixed<4, 4, KV>;
+    case 801: return attend_fixed<8, 1, KV>;
+    case 802: return attend_fixed<8, 2, KV>;
     default: return nullptr;
   }
+}
+#endif
+
+#if defined(__AVX512F__)
+// `logical_attention` on the register-resident loop (`attend_fixed`) over a float32 or float16
+// cache (elements E): work items (kv head, query, part), then each split query's parts combined.
+template <typename E>
+void attend_cached(AttendFixed<E> fixed, const float* qp, const E* kp, const E* vp,
+                   const int64_t* sp, const int64_t* cp, const int64_t* rp, int64_t R, int64_t T,
+                   int64_t D, int64_t KV, int64_t cap, int64_t W, int64_t group, double scale,
+                   float* op) {
+  const bool batched = rp != nullptr;
+  const int64_t chunks = (W + 15) / 16;
+  // Work items (kv head, query, part); a query's parts past its own count are empty.
+  const int64_t parts = std::max<int64_t>(1, (W + PART - 1) / PART), pstride = group * (D + 2);
+  std::vector<float> partial(parts > 1 ? KV * T * parts * pstride : 0);
+  at::parallel_for(0, KV * T * parts, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(group * std::min<int64_t>(chunks * 16, PART));
+    std::vector<float> qs(group * D);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t p = i % parts, kvh = i / parts / T, t = i / parts % T;
+      const int64_t n = std::min(cp[t], W), np = (n + PART - 1) / PART;
+      if (p >= std::max<int64_t>(np, 1)) continue;
+      const int64_t row = batched ? std::min(std::max<int64_t>(rp[t], 0), R - 1) : 0;
+      const int64_t kv = row * KV + kvh;
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t d = 0; d < D; ++d)
+          qs[g * D + d] = qp[((kvh * group + g) * T + t) * D + d] * static_cast<float>(scale);
+      float* outs[16];
+      for (int64_t g = 0; g < group; ++g) outs[g] = op + ((kvh * group + g) * T + t) * D;
+      const int64_t j0 = p * PART, stride = std::min<int64_t>(chunks * 16, PART);
+      fixed(qs.data(), kp + kv * cap * D, vp + kv * cap * D, sp + t * W + j0,
+            std::min(n - j0, PART), cap, scores.data(), stride, outs,
+            np > 1 ? partial.data() + ((kvh * T + t) * parts + p) * pstride : nullptr);
+    }
+  });
+  if (parts > 1)
+    at::parallel_for(0, KV * T, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t kvh = i / T, t = i % T;
+        const int64_t np = (std::min(cp[t], W) + PART - 1) / PART;
+        if (np < 2) continue;
+        for (int64_t g = 0; g < group; ++g)
+          combine_parts(partial.data() + i * parts * pstride + g * (D + 2), np, pstride, D,
+                        op + ((kvh * group + g) * T + t) * D);
+      }
+    });
 }
 #endif
 
@@ -372,8 +427,9 @@ torch::Tensor logical_attention(const torch::Tensor& q, const torch::Tensor& k,
                                 const torch::Tensor& v, const torch::Tensor& slots,
                                 const torch::Tensor& counts, double scale, const torch::Tensor& rows) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.is_contiguous() && q.dim() == 3, "q: float32 [H, T, D]");
-  TORCH_CHECK(k.scalar_type() == torch::kFloat32 && k.is_contiguous() && v.is_contiguous() &&
-              (k.dim() == 3 || k.dim() == 4), "k, v: float32 [KV, cap, D] or [R, KV, cap, D]");
+  TORCH_CHECK((k.scalar_type() == torch::kFloat32 || k.scalar_type() == torch::kHalf) &&
+              v.scalar_type() == k.scalar_type() && k.is_contiguous() && v.is_contiguous() &&
+              (k.dim() == 3 || k.dim() == 4), "k, v: float32 or float16 [KV, cap, D] or [R, KV, cap, D]");
   TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.is_contiguous() && counts.scalar_type() == torch::kLong,
               "slots, counts: int64");
   const int64_t H = q.size(0), T = q.size(1), D = q.size(2), KV = k.size(-3), cap = k.size(-2);
@@ -386,8 +442,6 @@ torch::Tensor logical_attention(const torch::Tensor& q, const torch::Tensor& k,
   const int64_t R = batched ? k.size(0) : 1;
   auto out = torch::empty_like(q);
   const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
   const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t* cp = counts.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
@@ -397,44 +451,21 @@ torch::Tensor logical_attention(const torch::Tensor& q, const torch::Tensor& k,
   // for all of them. Per (head, query) the arithmetic is the same fixed sequence as below.
   TORCH_CHECK(group <= 16, "at most 16 query heads per kv head");
   const int64_t DV = D / 16;
-  const AttendFixed fixed = attend_for(DV, group);
-  if (fixed != nullptr) {
-    // Work items (kv head, query, part); a query's parts past its own count are empty.
-    const int64_t parts = std::max<int64_t>(1, (W + PART - 1) / PART), pstride = group * (D + 2);
-    std::vector<float> partial(parts > 1 ? KV * T * parts * pstride : 0);
-    at::parallel_for(0, KV * T * parts, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<float> scores(group * std::min<int64_t>(chunks * 16, PART));
-      std::vector<float> qs(group * D);
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t p = i % parts, kvh = i / parts / T, t = i / parts % T;
-        const int64_t n = std::min(cp[t], W), np = (n + PART - 1) / PART;
-        if (p >= std::max<int64_t>(np, 1)) continue;
-        const int64_t row = batched ? std::min(std::max<int64_t>(rp[t], 0), R - 1) : 0;
-        const int64_t kv = row * KV + kvh;
-        for (int64_t g = 0; g < group; ++g)
-          for (int64_t d = 0; d < D; ++d)
-            qs[g * D + d] = qp[((kvh * group + g) * T + t) * D + d] * static_cast<float>(scale);
-        float* outs[16];
-        for (int64_t g = 0; g < group; ++g) outs[g] = op + ((kvh * group + g) * T + t) * D;
-        const int64_t j0 = p * PART, stride = std::min<int64_t>(chunks * 16, PART);
-        fixed(qs.data(), kp + kv * cap * D, vp + kv * cap * D, sp + t * W + j0,
-              std::min(n - j0, PART), cap, scores.data(), stride, outs,
-              np > 1 ? partial.data() + ((kvh * T + t) * parts + p) * pstride : nullptr);
-      }
-    });
-    if (parts > 1)
-      at::parallel_for(0, KV * T, 1, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t kvh = i / T, t = i % T;
-          const int64_t np = (std::min(cp[t], W) + PART - 1) / PART;
-          if (np < 2) continue;
-          for (int64_t g = 0; g < group; ++g)
-            combine_parts(partial.data() + i * parts * pstride + g * (D + 2), np, pstride, D,
-                          op + ((kvh * group + g) * T + t) * D);
-        }
-      });
+  if (k.scalar_type() == torch::kHalf) {
+    const AttendFixed<c10::Half> fixed = attend_for<c10::Half>(DV, group);
+    TORCH_CHECK(fixed != nullptr, "a float16 cache needs head_dim 32/64/128 with few query heads per kv head");
+    attend_cached(fixed, qp, k.data_ptr<c10::Half>(), v.data_ptr<c10::Half>(), sp, cp, rp, R, T, D,
+                  KV, cap, W, group, scale, op);
     return out;
   }
+  const AttendFixed<float> fixed = attend_for<float>(DV, group);
+  if (fixed != nullptr) {
+    attend_cached(fixed, qp, k.data_ptr<float>(), v.data_ptr<float>(), sp, cp, rp, R, T, D, KV,
+                  cap, W, group, scale, op);
+    return out;
+  }
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
   at::parallel_for(0, KV * T, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(group * chunks * 16);
     std::vector<float> qs(group * D);
@@ -474,6 +505,9 @@ torch::Tensor logical_attention(const torch::Tensor& q, const torch::Tensor& k,
     }
   });
 #else
+  TORCH_CHECK(k.scalar_type() == torch::kFloat32, "a float16 cache needs the AVX-512 kernels");
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
   at::parallel_for(0, H * T, 4, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(chunks * 16);
     for (int64_t i = i0; i < i1; ++i) {
@@ -719,8 +753,9 @@ torch::Tensor block_step(const torch::Tensor& x, const torch::Tensor& attn_norm,
   rope_qkv_(y, cos, sin, heads, kv_heads, hd);
   const int64_t cap = k_cache.size(2), width = y.size(1);
   const float* yp = y.data_ptr<float>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
+  const bool half = k_cache.scalar_type() == torch::kHalf;
+  TORCH_CHECK((half || k_cache.scalar_type() == torch::kFloat32) && v_cache.scalar_type() == k_cache.scalar_type(),
+              "k/v caches: float32 or float16");
   const int64_t* wr = solo ? nullptr : write_rows.data_ptr<int64_t>();
   const int64_t* ws = solo ? nullptr : write_slots.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) {
@@ -728,8 +763,19 @@ torch::Tensor block_step(const torch::Tensor& x, const torch::Tensor& attn_norm,
     TORCH_CHECK(row >= 0 && row < k_cache.size(0) && slot >= 0 && slot < cap, "cache write out of range");
     for (int64_t h = 0; h < kv_heads; ++h) {
       const int64_t at = ((row * kv_heads + h) * cap + slot) * hd;
-      std::memcpy(kc + at, yp + t * width + q_width + h * hd, hd * sizeof(float));
-      std::memcpy(vc + at, yp + t * width + q_width + kv_width + h * hd, hd * sizeof(float));
+      const float* kr = yp + t * width + q_width + h * hd;
+      const float* vr = kr + kv_width;
+      if (half) {  // rounded to nearest even, as torch's float -> float16 copy
+        c10::Half* kh = k_cache.data_ptr<c10::Half>() + at;
+        c10::Half* vh = v_cache.data_ptr<c10::Half>() + at;
+        for (int64_t d = 0; d < hd; ++d) {
+          kh[d] = c10::Half(kr[d]);
+          vh[d] = c10::Half(vr[d]);
+        }
+      } else {
+        std::memcpy(k_cache.data_ptr<float>() + at, kr, hd * sizeof(float));
+        std::memcpy(v_cache.data_ptr<float>() + at, vr, hd * sizeof(float));
+      }
     }
   }
   // The rest with plain loops where torch would spend an op each on a few hundred floats (a
