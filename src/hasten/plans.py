@@ -31,7 +31,7 @@ from .paths import cache_root, write_json
 
 PLANS = ("float32", "bfloat16", "float16", "compact", "compact-q8")
 AUTO_CANDIDATES = ("float32", "bfloat16", "compact", "compact-q8")  # float16 on a CPU: emulated, slow
-PLAN_KEY = "auto-v2"  # bump when what a plan computes changes (or the candidates do)
+PLAN_KEY = "auto-v3"  # bump when what a plan computes changes (or the candidates do)
 
 
 def plan_args(plan: str) -> dict:
