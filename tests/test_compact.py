@@ -303,11 +303,11 @@ def test_linear_uses_the_kernel_at_inference_and_torch_under_autograd(kernel):
 @pytest.mark.parametrize("weights", ["compact", "compact-q8", "dense"])
 def test_a_block_in_one_compiled_call_gives_the_python_blocks_bits(tmp_path, cache, kernel,
                                                                    monkeypatch, weights):
-    """Decode and verify steps run every block in one compiled call (`run_fused_blocks`), or
-    each block as one (`compact.block_step`, where some block cannot join): the same kernels
-    and ops in the same order as the Python block, so the same logits bit for bit, compact
-    and dense float32 alike (the batched decoder's use of it is checked against solo answers
-    in test_batched_trees)."""
+    """Prefill, decode and verify steps run every block in one compiled call
+    (`run_fused_blocks`), or each block as one (`compact.block_step`, where some block cannot
+    join): the same kernels and ops in the same order as the Python block, so the same logits
+    bit for bit, compact and dense float32 alike (the batched decoder's use of it is checked
+    against solo answers in test_batched_trees)."""
     from hasten.models import compact
     if not kernel.has_avx512():
         pytest.skip("the dense float32 model stays on MKL without AVX-512")
@@ -330,15 +330,15 @@ def test_a_block_in_one_compiled_call_gives_the_python_blocks_bits(tmp_path, cac
     def run():
         b.reset(1, 32)
         with torch.inference_mode():
-            b.forward(ids[:, :6]); b.commit()
+            prompt = b.forward(ids[:, :6]).logits; b.commit()  # a prefill (`prefill_plan`)
             one = b.forward(ids[:, 6:7]).logits; b.commit()  # a plain step
             tree = b.forward(ids[:, 7:10]).logits; b.commit()  # a chain verify
-        return one, tree
+        return prompt, one, tree
     all_at_once = run()
-    assert stacks == [True, True] and not blocks  # the prefill stays on SDPA
+    assert stacks == [True, True, True] and not blocks
     b.run_blocks = None
     one_by_one = run()
-    assert len(blocks) == 2 * len(b.blocks)
+    assert len(blocks) == 3 * len(b.blocks)
     monkeypatch.setattr(compact, "fused_layers", lambda block: None)
     python = run()
     for got in (all_at_once, one_by_one):
@@ -348,14 +348,14 @@ def test_a_block_in_one_compiled_call_gives_the_python_blocks_bits(tmp_path, cac
     # stack is noticed stale, run_fused_blocks declines and the Python blocks run.
     b.blocks[0].wo = torch.nn.Sequential(b.blocks[0].wo)
     declined = run()
-    assert stacks == [False, False]
+    assert stacks == [False, False, False]
     assert all(torch.equal(f, p) for f, p in zip(declined, python))
 
 
 @pytest.mark.parametrize("qtypes", [QTYPES, {**QTYPES, "attn_k": Q.F16, "ffn_up": Q.Q4_0}])
 def test_auto_weights_are_compact_with_dense_float32s_bits(tmp_path, cache, kernel, qtypes):
-    """`weights="auto"` (the default; float32 here, as `dtype="auto"` may pick another plan) loads a GGUF's blocks where they compute dense float32's
-    bits exactly, leftover tensor types (F16, Q4_0) on the dense kernel: the same logits bit
+    """`weights="auto"` (float32 here: `dtype="auto"`, the default, may pick another plan) loads
+    a GGUF's blocks where they compute dense float32's bits exactly, leftover tensor types (F16, Q4_0) on the dense kernel: the same logits bit
     for bit, so the same tokens. Elsewhere (bfloat16, a Hugging Face folder) dense."""
     if not kernel.has_avx512():
         pytest.skip("without the AVX-512 kernels auto keeps dense float32 (MKL)")
