@@ -332,8 +332,8 @@ def _dense_on_kernels(model: Model) -> bool:
 
 
 def _load_auto(spec: str | None, device: str, runtime: str, progress: bool) -> Model:
-    """The plan cached for this model and machine, or every candidate measured now (about half
-    a minute, once) and the fastest exact one kept. On a CPU only a GGUF on the lean runtime
+    """The plan cached for this model and machine, or every candidate measured now (under a
+    minute, once) and the fastest exact one kept. On a CPU only a GGUF on the lean runtime
     has plans to choose from (compact, compact-q8); other models load in float32, as dense
     half precision's plain step was slower than float32's on every CPU measured (AMD EPYC,
     Intel Ice Lake, Xeon with AMX: per-op overhead, not bandwidth, sets its pace)."""
