@@ -512,6 +512,40 @@ def test_a_delta_applies_to_the_float32_model_load_builds(tmp_path, tied):
         list(merged.generate_ids(x[0].tolist(), 6, ignore_eos=True))
 
 
+def test_a_delta_on_compact_q8_with_its_float16_cache_batches_as_it_decodes_alone(tmp_path, monkeypatch):
+    """The default plan on a GGUF (compact-q8 here) keeps a float16 KV cache; a delta-aware
+    model runs its blocks through the Python path (DeltaDense cannot join the compiled call),
+    which writes that cache too: speculative, batched and tenant-routed decoding all give the
+    solo greedy tokens."""
+    import json
+
+    from hasten.api import load
+    from hasten.bitdelta.model import with_delta
+    from hasten.bitdelta.serving import tenant_backbone
+    from hasten.decoding.batched import BatchedDecoder
+    from hasten.models.sources import load_weights
+    from test_compact import tiny_gguf
+
+    if qk.kernel_module() is None or not qk.kernel_module().has_vnni():
+        pytest.skip("compact-q8 needs the VNNI kernel")
+    monkeypatch.setenv("HASTEN_CACHE", str(tmp_path / "cache"))
+    _, path = tiny_gguf(tmp_path, head_dim=32, num_heads=4, num_kv_heads=2)
+    model = load(str(path), weights="compact-q8", progress=False)
+    assert model.backbone.kv_dtype == torch.float16
+    base_sd = load_weights(model.folder)
+    config = json.loads((model.folder / "config.json").read_text())
+    bd.save(bd.compress(base_sd, config, finetuned(base_sd), config), tmp_path / "delta")
+    aware = with_delta(model, tmp_path / "delta")
+    prompt = model.encode("hello hello hello", chat=False)
+    want = list(aware.generate_ids(prompt, 12, ignore_eos=True))
+    assert list(aware.generate_ids(prompt, 12, ignore_eos=True, draft="lookup", tree_size=4)) == want
+    for backbone, tenant in ((aware.backbone, -1), (tenant_backbone(model, {"t": tmp_path / "delta"}), 0)):
+        decoder = BatchedDecoder(backbone, 2, 128)
+        decoder.route_tenants = tenant >= 0
+        seq = decoder.add(prompt, tenant=tenant)
+        assert [seq.root] + [decoder.step()[0][1] for _ in range(11)] == want
+
+
 def test_delta_arguments_for_generate_and_serve():
     from hasten.commands.bitdelta import add_delta_args, parse_tenants
 

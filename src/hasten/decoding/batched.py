@@ -278,8 +278,8 @@ class BatchedDecoder:
                                write_rows=step.rows, write_slots=step.slots)
                 continue
             q, k, v = block.qkv(x, cos, sin)
-            self.k[i, step.rows, :, step.slots] = k[:, :, 0]
-            self.v[i, step.rows, :, step.slots] = v[:, :, 0]
+            self.k[i, step.rows, :, step.slots] = k[:, :, 0].to(self.k.dtype)  # a float16 cache: rounded
+            self.v[i, step.rows, :, step.slots] = v[:, :, 0].to(self.v.dtype)
             if fused is not None:  # every token of the step in one compiled call
                 attn = batched_logical_attention(q, self.k[i], self.v[i], *fused, block.hd ** -0.5)
                 x = block.mix(x, attn)
