@@ -36,7 +36,8 @@ def add_model_args(p: argparse.ArgumentParser, weights: str = "auto", dtype: str
                         "compact-q8: those blocks with each matmul's input rounded to int8 "
                         "blocks as llama.cpp does (integer dot products; fastest on AVX-512 "
                         "VNNI CPUs); auto: compact where it gives dense float32's exact bits "
-                        f"(float32 from a GGUF on a CPU with AVX-512), else dense (default: {weights})")
+                        "(float32 from a GGUF on a CPU with AVX-512), else dense; with --dtype "
+                        f"auto the measured plan decides (default: {weights})")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
 
 
