@@ -134,17 +134,9 @@ class BatchedDecoder:
         self._route([seq.tenant])
         ids = torch.tensor([prompt], device=m.device)
         cos, sin = self.cos[:t][None, None], self.sin[:t][None, None]
-        x = m.embed(ids)
-        plan = m.prefill_plan(t)  # exactly the solo prefill: compiled blocks, or SDPA (None)
-        y = None
-        if plan is not None and plan.counts is not None and m.run_blocks is not None:
-            y = m.run_blocks(m, x, cos, sin, self.k[:, row:row + 1], self.v[:, row:row + 1],
-                             plan.tail_slots, plan.counts)
-        if y is not None:
-            x = y
-        else:
-            for i, block in enumerate(m.blocks):
-                x = block(x, cos, sin, self.k[i, row:row + 1], self.v[i, row:row + 1], 0, None, plan)
+        # Exactly the solo prefill: its plan (compiled blocks, or SDPA: None) and its layers.
+        x = m.run_layers(m.embed(ids), cos, sin, self.k[:, row:row + 1], self.v[:, row:row + 1],
+                         0, None, m.prefill_plan(t))
         hidden = m.norm(x)  # row-local: the last row is what the solo prefill gets
         logits = m.lm_head(hidden[:, -1:])[0, -1]
         seq.hidden = hidden[0]

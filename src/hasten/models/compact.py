@@ -393,11 +393,11 @@ def _leftovers_on_kernels(model: LlamaModel) -> None:
 
 def half_cache_fits(cfg: LlamaConfig) -> bool:
     """Whether the compiled attention reads a float16 cache for this shape: its register-resident
-    loop (`attend_fixed`) exists for head sizes 32 / 64 / 128 with at most 8 / 4 / 2 query heads
-    per kv head. Half the bytes per cached token: at 2,000 tokens of context attention reads as
-    much as the weights (compact-q8, the default model)."""
-    group = cfg.num_heads // cfg.num_kv_heads
-    return {32: 8, 64: 4, 128: 2}.get(cfg.head_dim, 0) >= group
+    loop (`attend_fixed`, asked through the kernel: head sizes 32 / 64 / 128 with at most 8 / 4 /
+    2 query heads per kv head). Half the bytes per cached token: at 2,000 tokens of context
+    attention reads as much as the weights (compact-q8, the default model)."""
+    module = kernel_module()
+    return module is not None and module.fixed_attention(cfg.head_dim, cfg.num_heads // cfg.num_kv_heads)
 
 
 def _round_activations(model: LlamaModel) -> None:

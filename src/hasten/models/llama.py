@@ -311,21 +311,25 @@ class LlamaModel(nn.Module):
             mask = causal_mask(start, t, self.device).expand(b, t, start + t)
         if mask is not None:
             mask = mask.unsqueeze(1)  # one mask for all heads
-        x = self.embed(input_ids)
-        y = None
-        if self.run_blocks is not None and plan is not None and plan.counts is not None and b == 1:
-            y = self.run_blocks(self, x, cos, sin, self._k, self._v, plan.tail_slots,
-                                plan.counts, start=start)
-        if y is not None:
-            x = y
-        else:
-            for i, block in enumerate(self.blocks):
-                x = block(x, cos, sin, self._k[i], self._v[i], start, mask, plan)
+        x = self.run_layers(self.embed(input_ids), cos, sin, self._k, self._v, start, mask, plan)
         hidden = self.norm(x)
         logits = self.lm_head(hidden[:, -1:] if last_only else hidden)
         self._pending = t
         return StepOutput(logits=logits, hidden=hidden)
 
+    def run_layers(self, x, cos, sin, k_all, v_all, start: int, mask, plan: KeyPlan | None):
+        """Every block over x with caches k_all / v_all [L, B, KV, capacity, hd]: all in one
+        compiled call (`run_blocks`) where a single sequence's plan allows, else block by block.
+        The solo forward and the batched decoder's prefill both come here, so they match."""
+        if self.run_blocks is not None and plan is not None and plan.counts is not None and \
+                x.shape[0] == 1:
+            y = self.run_blocks(self, x, cos, sin, k_all, v_all, plan.tail_slots, plan.counts,
+                                start=start)
+            if y is not None:
+                return y
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, k_all[i], v_all[i], start, mask, plan)
+        return x
 
     def prefill_plan(self, t: int) -> KeyPlan | None:
         """How a t-token prompt into an empty cache attends: on the compiled blocks with exact

@@ -375,8 +375,9 @@ void attend_cached(AttendFixed<E> fixed, const float* qp, const E* kp, const E* 
   // Work items (kv head, query, part); a query's parts past its own count are empty.
   const int64_t parts = std::max<int64_t>(1, (W + PART - 1) / PART), pstride = group * (D + 2);
   std::vector<float> partial(parts > 1 ? KV * T * parts * pstride : 0);
+  const int64_t stride = std::min<int64_t>(chunks * 16, PART);  // score slots per head and part
   at::parallel_for(0, KV * T * parts, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(group * std::min<int64_t>(chunks * 16, PART));
+    std::vector<float> scores(group * stride);
     std::vector<float> qs(group * D);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t p = i % parts, kvh = i / parts / T, t = i / parts % T;
@@ -389,7 +390,7 @@ void attend_cached(AttendFixed<E> fixed, const float* qp, const E* kp, const E* 
           qs[g * D + d] = qp[((kvh * group + g) * T + t) * D + d] * static_cast<float>(scale);
       float* outs[16];
       for (int64_t g = 0; g < group; ++g) outs[g] = op + ((kvh * group + g) * T + t) * D;
-      const int64_t j0 = p * PART, stride = std::min<int64_t>(chunks * 16, PART);
+      const int64_t j0 = p * PART;
       fixed(qs.data(), kp + kv * cap * D, vp + kv * cap * D, sp + t * W + j0,
             std::min(n - j0, PART), cap, scores.data(), stride, outs,
             np > 1 ? partial.data() + ((kvh * T + t) * parts + p) * pstride : nullptr);
@@ -708,6 +709,16 @@ torch::Tensor sign_matmul(const torch::Tensor& x, const torch::Tensor& packed) {
   return y;
 }
 
+// Whether `attend_fixed` is compiled for this head size and query heads per kv head (what a
+// float16 cache needs: `compact.half_cache_fits` asks here, so the shapes have one home).
+bool fixed_attention(int64_t head_dim, int64_t group) {
+#if defined(__AVX512F__)
+  return head_dim % 16 == 0 && attend_for<float>(head_dim / 16, group) != nullptr;
+#else
+  return false;
+#endif
+}
+
 bool has_avx512() {
 #if defined(__AVX512F__)
   return true;
@@ -756,6 +767,10 @@ torch::Tensor block_step(const torch::Tensor& x, const torch::Tensor& attn_norm,
   const bool half = k_cache.scalar_type() == torch::kHalf;
   TORCH_CHECK((half || k_cache.scalar_type() == torch::kFloat32) && v_cache.scalar_type() == k_cache.scalar_type(),
               "k/v caches: float32 or float16");
+  float* kc = half ? nullptr : k_cache.data_ptr<float>();
+  float* vc = half ? nullptr : v_cache.data_ptr<float>();
+  c10::Half* kh = half ? k_cache.data_ptr<c10::Half>() : nullptr;
+  c10::Half* vh = half ? v_cache.data_ptr<c10::Half>() : nullptr;
   const int64_t* wr = solo ? nullptr : write_rows.data_ptr<int64_t>();
   const int64_t* ws = solo ? nullptr : write_slots.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) {
@@ -766,15 +781,13 @@ torch::Tensor block_step(const torch::Tensor& x, const torch::Tensor& attn_norm,
       const float* kr = yp + t * width + q_width + h * hd;
       const float* vr = kr + kv_width;
       if (half) {  // rounded to nearest even, as torch's float -> float16 copy
-        c10::Half* kh = k_cache.data_ptr<c10::Half>() + at;
-        c10::Half* vh = v_cache.data_ptr<c10::Half>() + at;
         for (int64_t d = 0; d < hd; ++d) {
-          kh[d] = c10::Half(kr[d]);
-          vh[d] = c10::Half(vr[d]);
+          kh[at + d] = c10::Half(kr[d]);
+          vh[at + d] = c10::Half(vr[d]);
         }
       } else {
-        std::memcpy(k_cache.data_ptr<float>() + at, kr, hd * sizeof(float));
-        std::memcpy(v_cache.data_ptr<float>() + at, vr, hd * sizeof(float));
+        std::memcpy(kc + at, kr, hd * sizeof(float));
+        std::memcpy(vc + at, vr, hd * sizeof(float));
       }
     }
   }
@@ -861,6 +874,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("f32_matmul", &f32_matmul, free_gil, "x [M, K] float32 @ W.T, W [N, K] float32, rows independent of M -> [M, N]");
   m.def("sign_matmul", &sign_matmul, free_gil, "x [M, K] float32 @ S.T for packed sign bits [N, ceil(K/8)] -> [M, N]");
   m.def("has_avx512", &has_avx512, "whether the AVX-512 path was compiled");
+  m.def("fixed_attention", &fixed_attention, "whether the register-resident attention loop exists for (head_dim, query heads per kv head)");
   m.def("block_step", &block_step, free_gil, "one exact float32 decoder block for T tokens (see above)");
   m.def("q8_pack", &hasten_q8::pack, free_gil, "GGUF blocks [N, K/32*bytes] (kind 0 Q4_1, 1 Q8_0) -> the q8 matmul's layout");
   m.def("q8_unpack", &hasten_q8::unpack, "the q8 layout -> float32 [N, K], the file's weights");
