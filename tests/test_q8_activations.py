@@ -160,3 +160,26 @@ def test_attention_over_a_float16_cache_equals_the_same_values_in_float32(kernel
         run = lambda kk, vv: qk.kernel_module().logical_attention(  # noqa: E731
             q, kk, vv, slots, counts, d ** -0.5, qk.NO_ROWS)
         assert torch.equal(run(k, v), run(k.float(), v.float())), (t, n)
+
+
+def test_training_features_come_from_the_decode_kernels(tmp_path, cache, kernel):
+    """Drafter training data on compact-q8: each sequence is computed alone on the compiled
+    blocks decoding runs, its states bit-identical to token-by-token decoding's, and
+    the padded-batch path (other backbones) gives the same states to its own tolerance."""
+    from hasten.medusa.data import padded_forward, sequence_states
+    cfg, path = tiny_gguf(tmp_path, head_dim=32, num_heads=4, num_kv_heads=2)
+    b = hasten.load(str(path), weights="compact-q8", progress=False).backbone
+    seqs = [torch.randint(3, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+            for n in (9, 30)]
+    assert b.prefill_plan(30) is not None  # the solo path is taken
+    states = sequence_states(b, seqs)
+    padded = padded_forward(b, seqs)
+    for s, h, row in zip(seqs, states, padded):
+        b.reset(1, 64)
+        decoded = []
+        for t in s:
+            decoded.append(b.forward(torch.tensor([[t]])).hidden[0])
+            b.commit()
+        assert h.shape == (len(s), cfg.hidden_size)
+        assert torch.equal(h, torch.cat(decoded))
+        torch.testing.assert_close(row[-len(s):], h, rtol=1e-3, atol=1e-3)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import HastenError
-from ..medusa.data import _fingerprint, _write_json, batches_by_length, lm_hidden_size, padded_forward
+from ..medusa.data import _fingerprint, _write_json, batches_by_length, lm_hidden_size, sequence_states
 
 
 def sharegpt_records(tokenizer_encode, eos_id: int | None, limit: int, max_len: int,
@@ -121,11 +121,8 @@ def build_features(backbone, records: list[dict], folder: str | Path, model_key:
         if b < meta["done_batches"]:
             continue
         seqs = [records[i]["prompt_ids"] + records[i]["answer_ids"] for i in batch]
-        out = padded_forward(backbone, seqs)
-        width = out.shape[1]
-        for row, i in enumerate(batch):
-            n = lengths[i]
-            features[offsets[i]:offsets[i] + n] = out[row, width - n:].float().cpu().numpy()
+        for i, states in zip(batch, sequence_states(backbone, seqs)):
+            features[offsets[i]:offsets[i] + lengths[i]] = states.float().cpu().numpy()
         if b % 20 == 19 or b == len(batches) - 1:
             features.flush()
             meta["done_batches"] = b + 1
