@@ -2,9 +2,9 @@
 
     python serve_gated.py DIR SHUTDOWN_TIMEOUT GATE_AFTER
 
-Writes DIR/port once listening. The batched decoder holds at its GATE_AFTER-th step (writing
-DIR/held) until the file DIR/open exists, so a test can signal the server while a request is
-demonstrably still generating, on any machine."""
+Writes DIR/port once listening. Generation holds at its GATE_AFTER-th step (a batched step or a
+lone request's on the solo engine), writing DIR/held, until the file DIR/open exists, so a test
+can signal the server while a request is demonstrably still generating, on any machine."""
 
 from __future__ import annotations
 
@@ -30,18 +30,21 @@ def main(folder: Path, shutdown_timeout: float, after: int) -> None:
     backbone = build_llama(cfg, hf_reference(cfg, 0, torch.float32).state_dict())
     model = Model(backbone, tok, name="tiny", max_positions=256, stop_ids=())
     app = create_app(model, log=False)
-    decoder = app.state.engine.decoder
-    step, calls = decoder.step, [0]
+    engine = app.state.engine
+    calls = [0]
 
-    def gated():
-        calls[0] += 1
-        if calls[0] == after:
-            (folder / "held").touch()
-            deadline = time.time() + 60
-            while not (folder / "open").exists() and time.time() < deadline:
-                time.sleep(0.01)
-        return step()
-    decoder.step = gated
+    def gate(step):
+        def gated(*args):
+            calls[0] += 1
+            if calls[0] == after:
+                (folder / "held").touch()
+                deadline = time.time() + 60
+                while not (folder / "open").exists() and time.time() < deadline:
+                    time.sleep(0.01)
+            return step(*args)
+        return gated
+    engine._step = gate(engine._step)  # noqa: SLF001 - batched steps
+    engine._solo_step = gate(engine._solo_step)  # noqa: SLF001 - a lone request's steps
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     (folder / "port.tmp").write_text(str(sock.getsockname()[1]))

@@ -179,19 +179,22 @@ def test_concurrent_requests_each_get_their_own_answer(model, server, client):
 
 
 class Gate:
-    """Holds the server's batched generation at its `after`-th step until the test opens it,
-    so a test can act while a request is demonstrably still generating, on any machine."""
+    """Holds the server's generation at its `after`-th step until the test opens it, so a test
+    can act while a request is demonstrably still generating, on any machine. A step is a
+    batched step or a lone request's step on the solo engine (its prefill the first)."""
 
     def __init__(self, monkeypatch, engine, after: int):
         self.opened, self.calls, self.after = threading.Event(), 0, after
-        step = engine.decoder.step
+        for name in ("_step", "_solo_step"):
+            monkeypatch.setattr(engine, name, self._gated(getattr(engine, name)))
 
-        def gated():
+    def _gated(self, step):
+        def gated(*args):
             self.calls += 1
             if self.calls > self.after:
                 assert self.opened.wait(30), "the test never opened the gate"
-            return step()
-        monkeypatch.setattr(engine.decoder, "step", gated)
+            return step(*args)
+        return gated
 
     def open_when_cancelled(self, engine) -> None:
         """Wait until the server has seen the client go, then let generation go on."""

@@ -158,6 +158,27 @@ class ForwardGate(Gate):
 REPEAT = [{"role": "user", "content": "abcabcabcabcabcabc"}]
 
 
+def test_a_lone_plain_request_decodes_on_the_solo_engine(model, solo, monkeypatch):
+    """Alone and greedy, a request without a drafter runs `hasten generate`'s loop, not a batch
+    row of one (which costs more per step), and gives the same answer."""
+    s = Server(create_app(model, log=False))
+    engine = s.app.state.engine
+    gate = Gate(monkeypatch, engine, after=2)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            lone = pool.submit(ask, s.client(), QUESTIONS[2])
+            wait_for(lambda: gate.calls > 2, "the lone request to reach the gate")
+            assert engine.solo is not None and not engine.decoder.sequences
+            gate.opened.set()
+            text, r = lone.result(30)
+        assert text == solo[2]
+        stats = r.model_extra["hasten"]
+        assert stats["draft"] == "none" and stats["steps"] == r.usage.completion_tokens - 1
+    finally:
+        gate.opened.set()
+        s.stop()
+
+
 def test_a_lone_request_with_a_drafter_decodes_speculatively(model):
     want = model.generate(REPEAT, 60, temperature=0)
     s = Server(create_app(model, log=False, tree_size=4))

@@ -230,7 +230,7 @@ class Engine:
         self.running: list[Running] = []
         self.served = 0
         self.finished: collections.deque[Outcome] = collections.deque(maxlen=64)
-        self.solo: Running | None = None  # a lone request decoding speculatively
+        self.solo: Running | None = None  # a lone greedy request, on the solo engine
         self._prefilling: Job | None = None  # taken from the queue, not yet running
         # The worker runs on `compute` (see server/compute.py: `hasten serve` passes the thread
         # that loaded the model), else on a thread of its own.
@@ -349,7 +349,9 @@ class Engine:
         drafts = job.drafter is not None and (params.greedy or job.seed is None)
         if drafts:
             job.drafter = own_drafter(job.drafter)
-        if drafts and self._speculates_alone(job, params):
+        if self._speculates_alone(job, params):  # plain as well: the CLI's own loop
+            if not drafts:
+                job.drafter = None
             self._start_solo(job, start)
             return
         stats = GenerationStats(prompt_tokens=len(job.prompt_ids), exact=self.exact)
@@ -368,11 +370,13 @@ class Engine:
         self.metrics.generated(1)
         self._deliver(run, seq.root)
 
-    # ---- a lone request with a drafter: speculative decoding until company arrives -------
+    # ---- a lone greedy request: the solo engine (the CLI's loop) until company arrives --------
 
     def _speculates_alone(self, job: Job, params: SamplingParams) -> bool:
-        """Greedy only: the solo engine's sampling would draw with its own tree sizes, the
-        batch's with others (the tree-size rule sees the batch), so a sampled answer would
+        """Alone and greedy, a request decodes on the solo engine, plain or speculative, as
+        `hasten generate` does: a batch row of one costs more per step (its own loop, the LM
+        head outside the compiled blocks). Greedy only: the solo engine's sampling would draw
+        with its own tree sizes, the batch's with others (the tree-size rule sees the batch), so a sampled answer would
         depend on when others arrive; greedy gives the same tokens either way."""
         return (params.greedy and not self.running and self.jobs.empty()
                 and not self.decoder.route_tenants)
@@ -392,8 +396,12 @@ class Engine:
         tree_size = job.tree_size if job.tree_size is not None else self.tree_size
         tokens = model.generate_ids(job.prompt_ids, job.max_tokens, draft=job.drafter,
                                     tree_size=tree_size, typical=self.typical)
+        stats = model.last_stats
+        if job.drafter is None:  # plain: exact as a batch row is (it may join the batch)
+            stats.exact = self.exact
         run = Running(job, None, Detokenizer(model.tokenizer), StopMatcher(job.stop),
-                      model.last_stats, start, start - job.created, solo=tokens, drafted=True)
+                      stats, start, start - job.created, solo=tokens,
+                      drafted=job.drafter is not None)
         self.running.append(run)
         self.solo = run
         self._solo_step(run)  # the prefill and the first token
@@ -427,7 +435,8 @@ class Engine:
                                      tenant=run.job.tenant)
         run.seq.typical = self.typical
         run.solo, self.solo = None, None
-        self._draft_in_batch(run, list(run.job.prompt_ids) + run.tokens)
+        if run.job.drafter is not None:
+            self._draft_in_batch(run, list(run.job.prompt_ids) + run.tokens)
 
     def _step(self) -> None:
         rows = len(self.running)
