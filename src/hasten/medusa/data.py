@@ -116,9 +116,9 @@ def sequence_states(backbone, seqs: list[list[int]]) -> list[torch.Tensor]:
     610 tok/s for padded batches). Else one left-padded batch (`padded_forward`)."""
     from ..models.llama import LlamaModel
     if isinstance(backbone, LlamaModel) and all(backbone.prefill_plan(len(s)) is not None for s in seqs):
-        out = []
+        out, capacity = [], max(map(len, seqs))
         for s in seqs:
-            backbone.reset(1, len(s))
+            backbone.reset(1, capacity)  # one allocation for the batch (reset reuses it)
             out.append(backbone.forward(torch.tensor([s], device=backbone.device), last_only=True).hidden[0])
             backbone.commit(torch.empty(0, dtype=torch.long))
         return out
