@@ -9,7 +9,7 @@ import random
 import torch
 
 from hasten.decoding.batched import BatchCurve, BatchedDecoder, share_tokens
-from hasten.decoding.budget import CostCurve
+from hasten.decoding.budget import AdaptiveTreeSize, CostCurve
 from hasten.decoding.engine import generate_speculative
 from hasten.decoding.generate import generate_plain
 from hasten.decoding.sampling import SamplingParams
@@ -198,8 +198,37 @@ def test_the_tree_size_rule_sees_the_batch():
     charged.rows = 4
     assert charged.cost(0) == shared.cost(0)  # no tree, no attention call of its own
     assert charged.cost(4) == shared.cost(4) + 4 * 0.25  # the whole batch waits for it
+    measured.step_seconds[4] = 2.0  # a plain step of 4 rows, as measured: the base
+    assert charged.cost(0) == 2.0 and charged.cost(4) == 2.0 + (shared.cost(4) - shared.cost(0)) + 1.0
+    measured.tree_token_seconds = 0.1  # and what a tree token adds, as measured
+    assert charged.cost(0) == 2.0 and abs(charged.cost(4) - (2.0 + 4 * 4 * 0.1)) < 1e-12
+    # Where tree tokens cost the batch more than a plain step gains, the rule drafts nothing.
+    measured.step_seconds[8], measured.tree_token_seconds = 9.4, 0.75
+    charged.rows = 8
+    rule = AdaptiveTreeSize(charged, 8, prior_rate=0.5)
+    assert rule.best() == 0
+    charged.rows, measured.tree_token_seconds = 1, 0.01  # alone, with cheap tokens: it drafts
+    measured.step_seconds[1] = 3.7
+    assert rule.best() > 0
     assert share_tokens([8, 8, 0], 3, 65) == [8, 8, 0]
     assert share_tokens([40, 20, 0], 3, 33) == [20, 10, 0]  # 3 roots + 30 nodes
+
+
+def test_the_decoder_measures_what_its_steps_cost():
+    """`step_seconds` (plain steps by row count) and `tree_token_seconds` (what a tree token
+    adds), the EMAs `BatchCurve` charges; fed by every step."""
+    decoder = BatchedDecoder(tiny_model(torch.bfloat16, True), 3, CONTEXT)
+    decoder._measure(3, 0, 1.0)  # noqa: SLF001
+    decoder._measure(3, 4, 3.0)  # noqa: SLF001 - 2 s more than plain for 4 tokens
+    assert decoder.step_seconds == {3: 1.0} and decoder.tree_token_seconds == 0.5
+    decoder._measure(3, 0, 2.0)  # noqa: SLF001
+    decoder._measure(2, 2, 9.0)  # noqa: SLF001 - no plain step of 2 rows seen: not counted
+    assert decoder.step_seconds == {3: 1.2} and decoder.tree_token_seconds == 0.5
+    seqs = [decoder.add(p) for p in prompts(2, seed=1)]
+    decoder.step()
+    assert set(decoder.step_seconds) == {2, 3} and decoder.step_seconds[2] > 0
+    decoder.speculate({seqs[0]: DraftTree(torch.tensor([5, 6]), torch.tensor([-1, 0]))})
+    assert decoder.tree_token_seconds != 0.5  # the tree step was folded in
 
 
 # ---- the server: requests with drafters speculate inside the batch ------------------------
