@@ -480,15 +480,15 @@ class BatchCurve:
         d, others = self.decoder, self.rows - 1
         base = self.curve.cost(others)
         measured = d.step_seconds.get(self.rows) if d is not None else None
+        plain = base if measured is None else measured  # T(B)
         if d is not None and d.tree_token_seconds is not None:
-            return (base if measured is None else measured) + self.rows * n * d.tree_token_seconds
+            return plain + self.rows * n * d.tree_token_seconds
         extra = 0.0
         if n and d is not None:
             # A tree in the batch also gets its own attention call per layer, which the
             # one-sequence curve does not contain: charged as measured, for the whole batch.
             extra = self.rows * d.tree_attention_seconds
-        return (base if measured is None else measured) + self.rows * (
-            self.curve.cost(others + n) - base) + extra
+        return plain + self.rows * (self.curve.cost(others + n) - base) + extra
 
 
 def share_tokens(sizes: list[int], rows: int, max_tokens: int) -> list[int]:

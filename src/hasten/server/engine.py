@@ -18,10 +18,10 @@ Drafters: every request with one gets its own instance (drafters such as EAGLE a
 models keep per-sequence state) and its own tree-size rule, and speculates inside the batch:
 each step its tree goes into the one batched forward beside the other requests' roots and
 trees (`BatchedDecoder.speculate`), and it gains its accepted path + bonus. A greedy request
-with a drafter that finds the server idle decodes speculatively alone (the model's own engine
-and cache, the CLI's speed); when another request arrives it joins the batch at its next step
-boundary (its cache copied into a row) and goes on speculating there: the same tokens either
-way. Seeded sampled requests decode plain: speculative sampling is lossless but draws
+that finds the server idle decodes alone, speculatively if it has a drafter (the model's own
+engine and cache, the CLI's speed); when another request arrives it joins the batch at its
+next step boundary (its cache copied into a row) and goes on there, still speculating if it
+was: the same tokens either way. Seeded sampled requests decode plain: speculative sampling is lossless but draws
 differently from plain sampling, and its draws depend on the tree sizes, which the batch
 changes, so only plain decoding gives a seed the same sample whoever else is served (unseeded
 sampled requests speculate: lossless, nothing to reproduce).
@@ -347,11 +347,8 @@ class Engine:
         start = time.perf_counter()
         params = SamplingParams(job.temperature, job.top_k, job.top_p)
         drafts = job.drafter is not None and (params.greedy or job.seed is None)
-        if drafts:
-            job.drafter = own_drafter(job.drafter)
+        job.drafter = own_drafter(job.drafter) if drafts else None  # None: this job decodes plain
         if self._speculates_alone(job, params):  # plain as well: the CLI's own loop
-            if not drafts:
-                job.drafter = None
             self._start_solo(job, start)
             return
         stats = GenerationStats(prompt_tokens=len(job.prompt_ids), exact=self.exact)
@@ -376,8 +373,9 @@ class Engine:
         """Alone and greedy, a request decodes on the solo engine, plain or speculative, as
         `hasten generate` does: a batch row of one costs more per step (its own loop, the LM
         head outside the compiled blocks). Greedy only: the solo engine's sampling would draw
-        with its own tree sizes, the batch's with others (the tree-size rule sees the batch), so a sampled answer would
-        depend on when others arrive; greedy gives the same tokens either way."""
+        with its own tree sizes, the batch's with others (the tree-size rule sees the batch),
+        so a sampled answer would depend on when others arrive; greedy gives the same tokens
+        either way."""
         return (params.greedy and not self.running and self.jobs.empty()
                 and not self.decoder.route_tenants)
 
