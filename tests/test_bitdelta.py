@@ -503,7 +503,7 @@ def test_a_delta_applies_to_the_float32_model_load_builds(tmp_path, tied):
         m.backbone.reset(1, 32)
     assert torch.allclose(aware.backbone(x).logits, merged.backbone(x).logits, atol=1e-4)
     layer = model.backbone.blocks[0].wqkv
-    if qk.kernel_module() is not None and qk.kernel_module().has_avx512():
+    if qk.vector_kernels():
         assert isinstance(layer, KernelDense)
         assert aware.backbone.blocks[0].wqkv.base is not layer  # a new module ...
         assert aware.backbone.blocks[0].wqkv.base.w is layer.w  # ... over the same weights
@@ -526,8 +526,8 @@ def test_a_delta_on_compact_q8_with_its_float16_cache_batches_as_it_decodes_alon
     from hasten.models.sources import load_weights
     from test_compact import tiny_gguf
 
-    if qk.kernel_module() is None or not qk.kernel_module().has_vnni():
-        pytest.skip("compact-q8 needs the VNNI kernel")
+    if not qk.fast_int8():
+        pytest.skip("compact-q8 needs the vector int8 kernel (AVX-512 VNNI or AVX2)")
     monkeypatch.setenv("HASTEN_CACHE", str(tmp_path / "cache"))
     _, path = tiny_gguf(tmp_path, head_dim=32, num_heads=4, num_kv_heads=2)
     model = load(str(path), weights="compact-q8", progress=False)

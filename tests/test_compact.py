@@ -253,12 +253,12 @@ def test_kernels_split_work_across_threads_without_changing_a_bit(kernel, kind):
 
 
 def test_dense_float32_runs_on_the_kernels_exactly(tmp_path, cache, kernel):
-    """Where the AVX-512 kernels build, `load(dtype="float32")` multiplies with them: the same
+    """Where the vector kernels build (AVX-512 or AVX2), `load(dtype="float32")` multiplies with them: the same
     function as MKL's float32 (to rounding), measured exact under speculation, so exact
     attention is on and greedy lookup equals plain."""
     from hasten.models.compact import KernelDense
-    if not kernel.has_avx512():
-        pytest.skip("dense float32 stays on MKL without the AVX-512 kernels")
+    if not qk.vector_kernels():
+        pytest.skip("dense float32 stays on MKL without vector kernels")
     _, path = tiny_gguf(tmp_path, tie_word_embeddings=True)
     model = hasten.load(str(path), weights="dense", progress=False)
     mkl = load_backbone(str(path)).backbone
@@ -288,7 +288,7 @@ def test_linear_uses_the_kernel_at_inference_and_torch_under_autograd(kernel):
     with torch.no_grad():
         y = qk.linear(x, w)
     assert torch.allclose(y.double(), x.double() @ w.double().t(), atol=1e-4)
-    if kernel.has_avx512():
+    if qk.vector_kernels():
         assert torch.equal(y, qk.dense_matmul(x, w))
     xr = x.clone().requires_grad_(True)
     qk.linear(xr, w).sum().backward()
@@ -309,8 +309,8 @@ def test_a_block_in_one_compiled_call_gives_the_python_blocks_bits(tmp_path, cac
     bit for bit, compact and dense float32 alike (the batched decoder's use of it is checked
     against solo answers in test_batched_trees)."""
     from hasten.models import compact
-    if not kernel.has_avx512():
-        pytest.skip("the dense float32 model stays on MKL without AVX-512")
+    if not qk.vector_kernels():
+        pytest.skip("the dense float32 model stays on MKL without vector kernels")
     _, path = tiny_gguf(tmp_path)
     model = hasten.load(str(path), weights=weights, progress=False)
     b = model.backbone
@@ -357,8 +357,8 @@ def test_auto_weights_are_compact_with_dense_float32s_bits(tmp_path, cache, kern
     """`weights="auto"` (float32 here: `dtype="auto"`, the default, may pick another plan) loads
     a GGUF's blocks where they compute dense float32's bits exactly, leftover tensor types (F16, Q4_0) on the dense kernel: the same logits bit
     for bit, so the same tokens. Elsewhere (bfloat16, a Hugging Face folder) dense."""
-    if not kernel.has_avx512():
-        pytest.skip("without the AVX-512 kernels auto keeps dense float32 (MKL)")
+    if not qk.vector_kernels():
+        pytest.skip("without vector kernels auto keeps dense float32 (MKL)")
     cfg, path = tiny_gguf(tmp_path, qtypes, tie_word_embeddings=True)
     auto = hasten.load(str(path), dtype="float32", progress=False)
     dense = hasten.load(str(path), weights="dense", progress=False)

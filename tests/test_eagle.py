@@ -159,15 +159,14 @@ def test_drafting_weights_as_q8_0_keep_the_head_and_stay_lossless():
     with them is still plain decoding."""
     from hasten.models import quant_kernels as qk
     from hasten.models.compact import Q8Dense, QuantDense
-    module = qk.kernel_module()
-    if module is None or not module.has_avx512():
-        pytest.skip("Q8_0 drafting needs the AVX-512 kernels")
+    if not qk.vector_kernels():
+        pytest.skip("Q8_0 drafting needs the vector kernels (AVX-512 or AVX2)")
     ours, _ = tiny_pair(dtype=torch.float32, hidden_size=64, intermediate_size=64, head_dim=16)
     head = _head(ours.config, dtype=torch.float32)
     drafter = EagleDrafter(head, ours.embed.weight, ours.lm_head.weight, depth=4, topk=3)
     reference = EagleDrafter(head, ours.embed.weight, ours.lm_head.weight, depth=4, topk=3)
     drafter.quantize_for_drafting()
-    kind = Q8Dense if module.has_vnni() else QuantDense
+    kind = Q8Dense if qk.fast_int8() else QuantDense
     assert type(drafter.head.q_proj) is kind and type(drafter.lm_head_blocks) is kind
     assert isinstance(head.q_proj, torch.nn.Linear)  # the given head keeps float32 layers
     states = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
@@ -176,7 +175,7 @@ def test_drafting_weights_as_q8_0_keep_the_head_and_stay_lossless():
     prompt = [5, 9, 14, 3, 22, 7, 9, 14]
     plain = list(generate_plain(ours, prompt, 40))
     assert list(generate_speculative(ours, drafter, prompt, 40, tree_size=12)) == plain
-    if module.has_vnni():  # the head's layer in one compiled call: the same drafts
+    if qk.fast_int8():  # the head's layer in one compiled call: the same drafts
         assert drafter.fused is not None
         trees = []
         for fused in (drafter.fused, None):

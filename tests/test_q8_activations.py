@@ -148,8 +148,8 @@ def test_compact_q8_keeps_a_float16_cache_and_stays_exact(tmp_path, cache, kerne
 def test_attention_over_a_float16_cache_equals_the_same_values_in_float32(kernel):
     """The compiled attention converts float16 keys and values exactly: the same bits as over a
     float32 cache holding the same (rounded) values, split parts included (> 512 keys)."""
-    if not qk.kernel_module().has_avx512():
-        pytest.skip("a float16 cache needs the AVX-512 kernels")
+    if not qk.vector_kernels():
+        pytest.skip("a float16 cache needs the vector kernels (AVX-512 or AVX2)")
     g = torch.Generator().manual_seed(4)
     heads, kv, d, cap = 9, 3, 64, 1400
     k, v = (torch.randn(kv, cap, d, generator=g).half() for _ in range(2))

@@ -30,10 +30,24 @@ def test_plan_args_and_candidates():
     with pytest.raises(ValueError):
         plans.plan_args("int3")
     q8 = ["compact-q8"] if qk.kernel_module() is not None else []
-    assert plans.candidates(has_gguf=True, lean=True) == ["float32", "bfloat16", "compact", *q8]
+    bf16 = [] if plans.emulated("bfloat16") else ["bfloat16"]
+    assert plans.candidates(has_gguf=True, lean=True) == ["float32", *bf16, "compact", *q8]
     assert plans.plan_args("compact-q8") == {"dtype": "float32", "weights": "compact-q8"}
-    assert plans.candidates(has_gguf=False, lean=True) == ["float32", "bfloat16"]
-    assert plans.candidates(has_gguf=True, lean=False) == ["float32", "bfloat16"]
+    assert plans.candidates(has_gguf=False, lean=True) == ["float32", *bf16]
+    assert plans.candidates(has_gguf=True, lean=False) == ["float32", *bf16]
+
+
+def test_half_precision_the_cpu_only_emulates_is_not_a_candidate(monkeypatch):
+    """A half-precision product many times float32's (no bfloat16 arithmetic in the CPU: torch
+    emulates it) keeps that plan out of --dtype auto; one at float32's cost keeps it in; a GPU
+    is never probed."""
+    assert plans.half_cost_ratio("bfloat16") > 0
+    monkeypatch.setattr(plans, "_emulated", {"bfloat16": 30.0, "float16": 1.2})
+    assert plans.emulated("bfloat16") and not plans.emulated("float16")
+    assert "bfloat16" not in plans.candidates(has_gguf=True, lean=True)
+    assert not plans.emulated("bfloat16", device="cuda") and not plans.emulated("float32")
+    monkeypatch.setattr(plans, "_emulated", {"bfloat16": 1.1})
+    assert "bfloat16" in plans.candidates(has_gguf=True, lean=True)
 
 
 @pytest.fixture
@@ -48,7 +62,8 @@ def test_auto_measures_once_then_reads_the_cached_choice(tmp_path, kernel, cache
     files = list((cache / "plans").glob(f"{plans.PLAN_KEY}-*.json"))
     assert len(files) == 1
     saved = json.loads(files[0].read_text())
-    assert set(saved["plans"]) == {"float32", "bfloat16", "compact", "compact-q8"}
+    bf16 = set() if plans.emulated("bfloat16") else {"bfloat16"}
+    assert set(saved["plans"]) == {"float32", "compact", "compact-q8"} | bf16
     assert model.plan == saved["choice"] == plans.choose(saved["plans"])
     measured = []
     monkeypatch.setattr(plans, "measure_plan", lambda *a, **k: measured.append(a))
@@ -92,7 +107,7 @@ def test_check_shows_every_plan_and_the_auto_choice(tmp_path, kernel, cache, cap
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(report["plans"]) == {"float32", "compact"}
     compact = report["plans"]["compact"]
-    assert compact["kernel"].startswith(("avx512-", "scalar-", "torch"))
+    assert compact["kernel"].startswith(("avx512-", "avx2-", "scalar-", "torch"))
     if not compact["kernel"].startswith("torch"):  # our kernel: one class whatever the rows
         assert all(len(c) == 1 for c in compact["row_classes"].values())
         assert compact["exact"]

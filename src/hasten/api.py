@@ -266,7 +266,7 @@ def load(model: str | None = None, device: str = "cpu", dtype: str | torch.dtype
     Q4_1 / Q8_0 blocks kept as they are and multiplied by weight-only kernels whose weights
     are exactly the file's values; float32 activations, CPU) or "compact-q8" (those blocks,
     each matmul's input rounded to int8 blocks of 32 as llama.cpp does; integer dot
-    products, AVX-512 VNNI) or "auto" (compact where it computes dense float32's bits, see
+    products, AVX-512 VNNI or AVX2) or "auto" (compact where it computes dense float32's bits, see
     `auto_weights`, else dense). `dtype="auto"` (the default) with `weights="auto"`: the
     fastest plan that is exact on this machine (`hasten.plans`; measured once, then cached);
     with weights named, float32 activations (the reference for dense weights)."""
@@ -299,7 +299,7 @@ def load(model: str | None = None, device: str = "cpu", dtype: str | torch.dtype
 def auto_weights(spec: str | None, device: str, dtype: str | torch.dtype, runtime: str,
                  progress: bool = True) -> str:
     """What `weights="auto"` loads: "compact" for float32 on the CPU from a Llama-family GGUF
-    where the AVX-512 kernels run, else "dense". There compact computes dense float32's bits
+    where the vector kernels run (AVX-512 or AVX2), else "dense". There compact computes dense float32's bits
     exactly: the same tile code sums each output in the same order over the same weights
     (the file's blocks dequantized in registers, exactly as the converter dequantizes them),
     and leftover tensor types run the dense kernel itself. So it changes no token, and reads
@@ -319,7 +319,7 @@ def auto_weights(spec: str | None, device: str, dtype: str | torch.dtype, runtim
 
 
 def _dense_on_kernels(model: Model) -> bool:
-    """Dense float32 on a CPU with the AVX-512 kernels: run it on them (`compact.dense_on_kernels`),
+    """Dense float32 on a CPU with the vector kernels: run it on them (`compact.dense_on_kernels`),
     whose rows do not depend on the row count, so speculation is exact where MKL's is not
     (and few-row steps are faster). HASTEN_NO_KERNELS=1 keeps MKL."""
     from .models.compact import can_run_dense_on_kernels, dense_on_kernels
@@ -348,7 +348,7 @@ def _load_auto(spec: str | None, device: str, runtime: str, progress: bool) -> M
     path = choice_file(resolved.folder.name, device, runtime)
     plan = read_choice(path)
     if plan is None:
-        plans = [p for p in candidates(resolved.gguf is not None, lean)
+        plans = [p for p in candidates(resolved.gguf is not None, lean, device)
                  if not p.startswith("compact") or device == "cpu"]
         print(f"hasten: --dtype auto: measuring {', '.join(plans)} on this machine (once)...",
               file=sys.stderr, flush=True)

@@ -7,7 +7,7 @@ A plan is how the lean runtime holds and multiplies the weights:
   - "bfloat16", "float16": dense half precision (oneDNN), exact attention;
   - "compact": the GGUF's Q4_1 / Q8_0 blocks with float32 activations (`models.compact`);
   - "compact-q8": those blocks, each matmul's input rounded to int8 blocks (llama.cpp's
-    numerics; integer dot products on AVX-512 VNNI).
+    numerics; integer dot products on AVX-512 VNNI or AVX2).
 
 `measure_plan` loads a model in a plan and reads its verify cost curve and its exactness check
 (both cached per machine under their own keys, so they are measured once). `choose` picks the
@@ -85,11 +85,42 @@ def read_choice(path: Path) -> str | None:
     return plan if plan in PLANS else None
 
 
-def candidates(has_gguf: bool, lean: bool) -> list[str]:
+def candidates(has_gguf: bool, lean: bool, device: str = "cpu") -> list[str]:
     """The plans worth measuring for a model: compact only for a GGUF on the lean runtime,
-    compact-q8 only where its kernel builds (it has no pure-torch fallback)."""
-    if not lean:
-        return ["float32", "bfloat16"]
+    compact-q8 only where its kernel builds (it has no pure-torch fallback), half precision
+    only where the machine computes in it (`emulated`)."""
+    plans = ["float32", "bfloat16"] if not lean else list(AUTO_CANDIDATES)
     from .models.quant_kernels import kernel_module
-    return [p for p in AUTO_CANDIDATES if not p.startswith("compact") or
-            (has_gguf and (p == "compact" or kernel_module() is not None))]
+    return [p for p in plans if not (p.startswith("compact") and not (
+        has_gguf and (p == "compact" or kernel_module() is not None))) and not emulated(p, device)]
+
+
+EMULATED_RATIO = 4.0  # a half-precision product this many times float32's: not the CPU's own
+_emulated: dict[str, float] = {}
+
+
+def half_cost_ratio(plan: str) -> float:
+    """How many times a float32 product an [8, 576] x [576, 1536] product in the plan's half
+    precision costs on this CPU (fastest of 5, measured once per process). Where the CPU has
+    no arithmetic for it, torch emulates it: bfloat16 without AVX512-BF16 / AMX measured 35x
+    here (AMD EPYC Zen 3: a default-model step 1.5 s against 43 ms), so such a plan can never
+    be the fastest, and measuring its curve and exactness would take minutes."""
+    if plan not in _emulated:
+        def fastest(dtype: torch.dtype) -> float:
+            g = torch.Generator().manual_seed(0)
+            x, w = torch.randn(8, 576, generator=g).to(dtype), torch.randn(576, 1536, generator=g).to(dtype)
+            best = float("inf")
+            for _ in range(6):  # the first warms up
+                start = time.perf_counter()
+                x @ w
+                best = min(best, time.perf_counter() - start)
+            return best
+        with torch.inference_mode():
+            _emulated[plan] = fastest(getattr(torch, plan)) / fastest(torch.float32)
+    return _emulated[plan]
+
+
+def emulated(plan: str, device: str = "cpu") -> bool:
+    """Whether a half-precision plan runs emulated on this CPU (`half_cost_ratio` at least
+    EMULATED_RATIO); never on a GPU, never for float32 or compact plans."""
+    return plan in ("bfloat16", "float16") and device == "cpu" and half_cost_ratio(plan) >= EMULATED_RATIO

@@ -34,7 +34,8 @@ def run(args) -> None:
     from ..api import load
     from ..bench.runner import cpu_flags, cpu_name
     from ..models.sources import resolve_model
-    from ..plans import AUTO_CANDIDATES, candidates, choice_file, choose, measure_plan, save_choice
+    from ..plans import (AUTO_CANDIDATES, candidates, choice_file, choose, emulated, half_cost_ratio,
+                         measure_plan, save_choice)
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = {"processor": cpu_name(), "cpu_flags": cpu_flags(), "torch": torch.__version__,
@@ -48,8 +49,16 @@ def run(args) -> None:
     if args.plans:
         plans = [p.strip() for p in args.plans.split(",") if p.strip()]
     else:
-        plans = candidates(resolved.gguf is not None, lean) + ["float16"]
+        plans = candidates(resolved.gguf is not None, lean, args.device) + ["float16"]
         plans = [p for p in plans if not p.startswith("compact") or args.device == "cpu"]
+        for plan in ("bfloat16", "float16"):
+            if emulated(plan, args.device):  # minutes to measure, never the fastest
+                plans = [p for p in plans if p != plan]
+                why = (f"not measured: emulated on this CPU (a product costs "
+                       f"{half_cost_ratio(plan):.0f}x float32's); name it in --plans to measure it")
+                report["plans"][plan] = {"skipped": why}
+                if not args.json:
+                    log(f"{plan}: {why}")
     for plan in plans:
         t0 = time.perf_counter()
         model, entry = measure_plan(load, args.model, plan, args.device, args.runtime)
@@ -67,7 +76,7 @@ def run(args) -> None:
         if not args.json:
             print(describe(plan, entry), flush=True)
         del model, b
-    auto = {p: e for p, e in report["plans"].items() if p in AUTO_CANDIDATES}
+    auto = {p: e for p, e in report["plans"].items() if p in AUTO_CANDIDATES and "skipped" not in e}
     if auto:
         report["auto"] = save_choice(choice_file(resolved.folder.name, str(args.device), args.runtime), auto)
         if not args.json:

@@ -35,8 +35,8 @@ def add_model_args(p: argparse.ArgumentParser, weights: str = "auto", dtype: str
                         "weight-only kernels with exactly the file's values (float32, CPU); "
                         "compact-q8: those blocks with each matmul's input rounded to int8 "
                         "blocks as llama.cpp does (integer dot products; fastest on AVX-512 "
-                        "VNNI CPUs); auto: compact where it gives dense float32's exact bits "
-                        "(float32 from a GGUF on a CPU with AVX-512), else dense; with --dtype "
+                        "VNNI and AVX2 CPUs); auto: compact where it gives dense float32's exact bits "
+                        "(float32 from a GGUF on a CPU with AVX-512 or AVX2), else dense; with --dtype "
                         f"auto the measured plan decides (default: {weights})")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
 

@@ -22,7 +22,7 @@ Exactness (see DESIGN.md): a sequence's tokens must not depend on who else is in
   two identical rows, as the solo plain step is (a one-row matmul rounds differently). So a
   row gets bit for bit the numbers of a solo plain step, as long as a matmul row does not
   depend on the row count between 2 and `rows` (`row_count_invariant` checks the weights).
-- exact mode on the compiled kernels (float32 on AVX-512, compact weights: `fused_attention`):
+- exact mode on the compiled kernels (float32 on AVX-512 or AVX2, compact weights: `fused_attention`):
   every token of the step, roots and tree nodes, attends in ONE call of the compiled attention
   (`quant_kernels.batched_logical_attention`) over its own cache row, with the key order of
   its solo plan; the kernels' rows never depend on the row count, so no padding row either.

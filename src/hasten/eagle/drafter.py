@@ -29,7 +29,8 @@ from ..decoding.tree import DraftTree
 from ..errors import HastenError
 from ..medusa.heads import find_for_model, lm_head_weight
 from ..models.compact import Q8Dense, QuantDense, linears_on_kernels
-from ..models.quant_kernels import BLOCK, NO_ROWS, Q8_KIND_CODES, kernel_module, linear, quantize_q8_0
+from ..models.quant_kernels import (BLOCK, NO_ROWS, Q8_KIND_CODES, fast_int8, kernel_module, linear,
+                                    quantize_q8_0, vector_kernels)
 from .head import EagleCache, EagleHead, LoadedEagle, is_head_folder, load_head
 
 DEPTH = 6  # draft levels
@@ -109,18 +110,17 @@ class EagleDrafter:
         return self.last is not None
 
     def quantize_for_drafting(self) -> None:
-        """Where our kernels run (float32 on a CPU with AVX-512): the head's linear layers and
-        the draft-vocabulary LM head as Q8_0 blocks, multiplied with int8-rounded activations
-        where the CPU has VNNI (`Q8Dense`: a level's 8 rows cost little more than one). A
+        """Where our vector kernels run (float32 on a CPU with AVX-512 or AVX2): the head's linear
+        layers and the draft-vocabulary LM head as Q8_0 blocks, multiplied with int8-rounded
+        activations where that is vector code too (`fast_int8`; `Q8Dense`: a level's 8 rows cost little more than one). A
         proposal streams its weights once per level, so a quarter of the bytes is most of its
         cost (5.3 ms -> see the README); drafts need no exactness, and the verify step decides
         every token. On a copy of the head, so the loaded (or trained) one keeps its float32
         weights."""
-        module = kernel_module()
-        if (module is None or not module.has_avx512() or self.dtype != torch.float32 or
+        if (not vector_kernels() or self.dtype != torch.float32 or
                 self.weight.device.type != "cpu" or self.weight.shape[1] % BLOCK):
             return
-        int8 = module.has_vnni()
+        int8 = fast_int8()
         self.head = copy.deepcopy(self.head)
         h = self.head
         if int8 and h.config.head_dim % 16 == 0 and all(

@@ -32,7 +32,7 @@ from .gguf_convert import (_ROPE_FREQS, PERMUTED_ARCHS, _dequantize, gguf_tensor
 from .llama import Block, Dense, LlamaModel, RMSNorm
 from .quant_kernels import (BLOCK, BLOCK_BYTES, NO_ROWS, Q8_KIND_CODES, block_matmul,
                             can_fuse_attention, dense_matmul, dequantize_blocks, kernel_module,
-                            linear, q8_matmul, q8_pack, q8_unpack)
+                            linear, q8_matmul, q8_pack, q8_unpack, vector_kernels)
 
 
 class QuantDense(nn.Module):
@@ -63,7 +63,7 @@ class QuantDense(nn.Module):
 class Q8Dense(QuantDense):
     """A QuantDense whose input rows are rounded to int8 blocks of 32 before the product, as
     llama.cpp computes (`quant_kernels.q8_matmul`: integer dot products per block, AVX-512
-    VNNI). The weights stay the file's values, in the kernel's layout (`blocks`)."""
+    VNNI or AVX2). The weights stay the file's values, in the kernel's layout (`blocks`)."""
 
     def __init__(self, layer: QuantDense):
         nn.Module.__init__(self)
@@ -430,11 +430,10 @@ def _kernel_runtime(model: LlamaModel) -> None:
 
 
 def kernels_fit(cfg: LlamaConfig) -> bool:
-    """Whether the AVX-512 kernels are built here and every linear of a model shaped `cfg`
-    fits their dense float32 path (inputs in whole blocks of 32). The scalar build keeps the
-    bits invariant but is far slower than MKL."""
-    module = kernel_module()
-    return (module is not None and module.has_avx512() and cfg.hidden_size % BLOCK == 0 and
+    """Whether vector kernels (AVX-512 or AVX2) are built here and every linear of a model
+    shaped `cfg` fits their dense float32 path (inputs in whole blocks of 32). The scalar build
+    keeps the bits invariant but is far slower than MKL."""
+    return (vector_kernels() and cfg.hidden_size % BLOCK == 0 and
             cfg.intermediate_size % BLOCK == 0 and cfg.num_heads * cfg.head_dim % BLOCK == 0)
 
 

@@ -3,8 +3,8 @@
 `block_matmul(x, blocks, kind)` is `x @ W.T` for W the file's dequantized values, exactly (the
 numbers gguf's dequantizer gives, bit for bit), without ever holding W in float32:
 
-  - the compiled kernel (`kernels/quant_matmul.cpp`, AVX-512 where the CPU has it), built once
-    per machine with torch's C++ extension tools into `cache_root()/kernels/`; every output row
+  - the compiled kernel (`kernels/quant_matmul.cpp`: AVX-512 where the CPU has it, else AVX2
+    + FMA + F16C, else scalar loops), built once per machine with torch's C++ extension tools into `cache_root()/kernels/`; every output row
     is computed by the same instructions whatever the row count, so verify rows equal plain
     ones bit for bit;
   - else a pure-torch fallback that dequantizes per call (exact weights, slow, the row
@@ -121,13 +121,27 @@ def _cpu_id() -> str:
 
 
 def kernel_name() -> str:
-    """Which code multiplies compact weights here: "avx512-<source hash>", "scalar-<hash>"
-    (compiled, no AVX-512) or "torch" (the fallback). Part of measurement cache keys: each
-    computes other bits, so a changed kernel is measured again."""
+    """Which code multiplies compact weights here: "avx512-<source hash>", "avx2-<hash>",
+    "scalar-<hash>" (compiled, no vector unit it knows) or "torch" (the fallback). Part of
+    measurement cache keys: each computes other bits, so a changed kernel is measured again."""
     module = kernel_module()
     if module is None:
         return "torch"
-    return ("avx512-" if module.has_avx512() else "scalar-") + source_key()[:8]
+    return f"{module.simd()}-{source_key()[:8]}"
+
+
+def vector_kernels() -> bool:
+    """Whether the kernels built here are vector code (AVX-512 or AVX2): only then are they
+    faster than torch's own matmuls for dense float32 weights."""
+    module = kernel_module()
+    return module is not None and module.simd() != "scalar"
+
+
+def fast_int8() -> bool:
+    """Whether `q8_matmul` runs vector integer code here (AVX-512 VNNI, or AVX2's two-step
+    byte products): then a few extra rows cost little, and int8 drafts pay."""
+    module = kernel_module()
+    return module is not None and (module.has_vnni() or module.simd() == "avx2")
 
 
 def source_key() -> str:
@@ -198,9 +212,9 @@ def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w.T for a float32 [N, K] w: the compiled kernel where it runs (CPU, float32, K a
-    multiple of 32, AVX-512, no autograd; on AMD EPYC 1.5-3x MKL for a few rows), else torch."""
-    module = kernel_module() if x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 else None
-    if (module is None or not module.has_avx512() or w.shape[1] % BLOCK or not w.is_contiguous()
+    multiple of 32, vector code, no autograd; on AMD EPYC 1.5-3x MKL for a few rows), else torch."""
+    cpu = x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+    if (not cpu or not vector_kernels() or w.shape[1] % BLOCK or not w.is_contiguous()
             or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
         return x @ w.t()
     return dense_matmul(x, w)

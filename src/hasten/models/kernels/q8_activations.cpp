@@ -5,7 +5,8 @@
 //
 // Why: with float32 activations each extra row of a verify costs a dequantize-and-FMA pass
 // over every weight (compute-bound: 1 + 8 tokens cost 2.4x one token on a 2-core AVX-512
-// AMD). AVX-512 VNNI multiplies 64 byte pairs per instruction, so extra rows cost little.
+// AMD). AVX-512 VNNI multiplies 64 byte pairs per instruction, so extra rows cost little;
+// AVX2 (no VNNI) takes two instructions for 32 pairs (`maddubs`, then `madd`).
 //
 // Layout (`pack`): weight rows go in groups of 16 (the last group may be narrower), one row per
 // 32-bit lane of a vector, so one `vpdpbusd` advances 16 outputs by 4 weights each against 4
@@ -32,6 +33,7 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#include "vector_math.h"  // HASTEN_AVX2
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define HASTEN_VNNI 1
 #include <immintrin.h>
@@ -197,6 +199,7 @@ void tiles(int rows, const Quantized& xq, int64_t r0, int64_t K, const uint8_t* 
 #endif
 
 // The scalar reference: the same integer sums and float32 operations per block, in order.
+// So the same bits as the vector tiles, which use it for a last group narrower than 16 rows.
 float scalar_dot(int64_t kind, const Quantized& xq, int64_t r, int64_t K, const uint8_t* w,
                  int64_t n, int64_t N) {
   const int64_t nb = K / QK;
@@ -218,6 +221,97 @@ float scalar_dot(int64_t kind, const Quantized& xq, int64_t r, int64_t K, const 
   }
   return acc;
 }
+
+#if defined(HASTEN_AVX2)
+// The AVX2 tile: R rows of quantized x against C full groups of 16 weight rows (8 lanes, so
+// each group is two halves). AVX2 has no 4-byte dot product: per step `maddubs` multiplies 32
+// unsigned x signed byte pairs and adds neighbours into int16, then `madd` adds int16 pairs
+// into int32. Both sums are exact, so S (hence every output) is what the VNNI tile computes:
+//   Q4_1: nibbles 0..15 times x (|x| <= 127): an int16 sum of 8 steps stays below 8 * 3810,
+//         so the steps add in int16 and `madd` runs once per block;
+//   Q8_0: the stored q + 128 back to signed q, then |q| times x with q's sign (each pair at
+//         most 2 * 128 * 127 = 32512: no saturation), to int32 every step.
+template <bool Q4, int R, int C>
+void tile_avx2(const Quantized& xq, int64_t r0, int64_t K, const uint8_t* w0, int64_t stride,
+               float* y, int64_t ldy, int64_t ahead) {
+  constexpr int64_t kind = Q4 ? Q4_1 : Q8_0, block = LANES * block_bytes(kind);
+  const int64_t nb = K / QK;
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  __m256 acc[R][C][2];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c][0] = acc[r][c][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const int8_t* xb = xq.q.data() + r0 * K + b * QK;
+    for (int c = 0; c < C; ++c) {
+      const uint8_t* blk = w0 + c * stride + b * block;
+      if (ahead)
+        for (int64_t line = 0; line < block; line += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(blk + ahead + line), _MM_HINT_T1);
+      const uint8_t* pay = blk + scale_bytes(kind) * LANES;
+      __m256i s[R][2];
+      for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm256_setzero_si256();
+      for (int t = 0; t < STEPS; ++t)
+        for (int h = 0; h < 2; ++h) {
+          const __m256i* at = reinterpret_cast<const __m256i*>(pay + (Q4 ? t / 2 : t) * 4 * LANES + 32 * h);
+          __m256i v = _mm256_loadu_si256(at);
+          if (Q4) {
+            v = _mm256_and_si256(t & 1 ? _mm256_srli_epi16(v, 4) : v, low);
+            for (int r = 0; r < R; ++r) {
+              const __m256i xv = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(xb + r * K + 4 * t));
+              s[r][h] = _mm256_add_epi16(s[r][h], _mm256_maddubs_epi16(v, xv));
+            }
+          } else {
+            v = _mm256_xor_si256(v, flip);
+            const __m256i mag = _mm256_abs_epi8(v);
+            for (int r = 0; r < R; ++r) {
+              const __m256i xv = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(xb + r * K + 4 * t));
+              s[r][h] = _mm256_add_epi32(s[r][h], _mm256_madd_epi16(_mm256_maddubs_epi16(mag, _mm256_sign_epi8(xv, v)), ones));
+            }
+          }
+        }
+      for (int h = 0; h < 2; ++h) {
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16 * h)));
+        const __m256 mw = Q4 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2 * LANES + 16 * h)))
+                             : _mm256_setzero_ps();
+        for (int r = 0; r < R; ++r) {
+          const int64_t at = (r0 + r) * nb + b;
+          const __m256i sum = Q4 ? _mm256_madd_epi16(s[r][h], ones) : s[r][h];
+          acc[r][c][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(dw, _mm256_set1_ps(xq.dx[at])), acc[r][c][h]);
+          if (Q4) acc[r][c][h] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xq.sx[at]), acc[r][c][h]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c)
+      for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + r * ldy + c * LANES + 8 * h, acc[r][c][h]);
+}
+
+// Groups [g0, g1) against `rows` rows from r0: C full groups at a time, then one by one; a
+// last group narrower than 16 rows by `scalar_dot` (the same bits).
+template <bool Q4>
+void tiles_avx2(int rows, const Quantized& xq, int64_t r0, int64_t K, const uint8_t* w, int64_t N,
+                int64_t g0, int64_t g1, float* y, int64_t ldy, int64_t ahead) {
+  const int64_t stride = LANES * (K / QK) * block_bytes(Q4 ? Q4_1 : Q8_0);
+  int64_t g = g0;
+#define HASTEN_Q8_TILE(R, C)                                                                   \
+  for (; g + C <= g1 && (g + C) * LANES <= N; g += C)                                          \
+    tile_avx2<Q4, R, C>(xq, r0, K, w + g * stride, stride, y + g * LANES, ldy, ahead);         \
+  for (; g < g1 && (g + 1) * LANES <= N; ++g)                                                  \
+    tile_avx2<Q4, R, 1>(xq, r0, K, w + g * stride, stride, y + g * LANES, ldy, ahead);         \
+  break;
+  switch (rows) {
+    case 1: HASTEN_Q8_TILE(1, 2)
+    case 2: HASTEN_Q8_TILE(2, 2)
+    case 3: HASTEN_Q8_TILE(3, 1)
+    default: HASTEN_Q8_TILE(4, 1)
+  }
+#undef HASTEN_Q8_TILE
+  for (int64_t n = g * LANES; n < std::min(N, g1 * LANES); ++n)
+    for (int64_t r = 0; r < rows; ++r) y[r * ldy + n] = scalar_dot(Q4 ? Q4_1 : Q8_0, xq, r0 + r, K, w, n, N);
+}
+#endif
 
 void check_kind(int64_t kind, int64_t K) {
   TORCH_CHECK(kind == Q4_1 || kind == Q8_0, "kind must be 0 (Q4_1) or 1 (Q8_0)");
@@ -311,6 +405,12 @@ torch::Tensor matmul(const torch::Tensor& x, const torch::Tensor& packed, int64_
       tiles<true>(static_cast<int>(rows), xq, r0, K, wp, N, g0, g1, yp + r0 * N, N, ahead);
     else
       tiles<false>(static_cast<int>(rows), xq, r0, K, wp, N, g0, g1, yp + r0 * N, N, ahead);
+#elif defined(HASTEN_AVX2)
+    const int64_t ahead = next_chunk ? CHUNK_GROUPS * LANES * nb * block_bytes(kind) : 0;
+    if (kind == Q4_1)
+      tiles_avx2<true>(static_cast<int>(rows), xq, r0, K, wp, N, g0, g1, yp + r0 * N, N, ahead);
+    else
+      tiles_avx2<false>(static_cast<int>(rows), xq, r0, K, wp, N, g0, g1, yp + r0 * N, N, ahead);
 #else
     for (int64_t n = g0 * LANES; n < std::min(N, g1 * LANES); ++n)
       for (int64_t r = r0; r < r0 + rows; ++r) yp[r * N + n] = scalar_dot(kind, xq, r, K, wp, n, N);

@@ -8,7 +8,8 @@
 // N. So a token verified among many rows gets the bits a one-row plain step gets.
 //
 // Built once per machine by hasten.models.quant_kernels (-march=native); without AVX-512 the
-// scalar loop below runs (the same values per row; other bits than the AVX-512 path).
+// 8-lane versions in avx2.h run where the CPU has AVX2 + FMA + F16C, else the scalar loops
+// below (the same values per row; each build its own bits).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -17,6 +18,8 @@
 #include <c10/util/Half.h>
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <type_traits>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -24,6 +27,7 @@
 #include "q8_activations.h"
 #include "schedule.h"
 #include "vector_math.h"
+#include "avx2.h"
 
 namespace {
 
@@ -197,6 +201,15 @@ torch::Tensor block_matmul(const torch::Tensor& x, const torch::Tensor& blocks, 
       tile<dequant_q8_0, Q8_0_BYTES>(xp + r0 * K, K, static_cast<int>(rows), wp, row_bytes, c0, c1, nb, yp + r0 * N, N, ahead);
     else
       tile<load_f32, F32_BYTES>(xp + r0 * K, K, static_cast<int>(rows), wp, row_bytes, c0, c1, nb, yp + r0 * N, N, ahead);
+#elif defined(HASTEN_AVX2)
+    const int64_t ahead = (M >= 2 || kind != F32) && next_chunk ? hasten_kernels::CHUNK * row_bytes : 0;
+    namespace v8 = hasten_avx2;
+    if (kind == Q4_1)
+      v8::tile<v8::dequant_q4_1, Q4_1_BYTES>(xp + r0 * K, K, static_cast<int>(rows), wp, row_bytes, c0, c1, nb, yp + r0 * N, N, ahead);
+    else if (kind == Q8_0)
+      v8::tile<v8::dequant_q8_0, Q8_0_BYTES>(xp + r0 * K, K, static_cast<int>(rows), wp, row_bytes, c0, c1, nb, yp + r0 * N, N, ahead);
+    else
+      v8::tile<v8::load_f32, F32_BYTES>(xp + r0 * K, K, static_cast<int>(rows), wp, row_bytes, c0, c1, nb, yp + r0 * N, N, ahead);
 #else
     for (int64_t n = c0; n < c1; ++n)
       for (int64_t r = 0; r < rows; ++r)
@@ -362,11 +375,17 @@ AttendFixed<KV> attend_for(int64_t DV, int64_t G) {
 }
 #endif
 
-#if defined(__AVX512F__)
-// `logical_attention` on the register-resident loop (`attend_fixed`) over a float32 or float16
-// cache (elements E): work items (kv head, query, part), then each split query's parts combined.
-template <typename E>
-void attend_cached(AttendFixed<E> fixed, const float* qp, const E* kp, const E* vp,
+#if defined(HASTEN_AVX2)
+constexpr int64_t PART = 512;  // as above
+using hasten_avx2::combine_parts;
+#endif
+
+#if defined(__AVX512F__) || defined(HASTEN_AVX2)
+// `logical_attention` on the register-resident loop (`attend_fixed`; AVX2: `hasten_avx2::attend`)
+// over a float32 or float16 cache (elements E): work items (kv head, query, part), then each
+// split query's parts combined.
+template <typename E, typename Fixed>
+void attend_cached(const Fixed& fixed, const float* qp, const E* kp, const E* vp,
                    const int64_t* sp, const int64_t* cp, const int64_t* rp, int64_t R, int64_t T,
                    int64_t D, int64_t KV, int64_t cap, int64_t W, int64_t group, double scale,
                    float* op) {
@@ -505,8 +524,23 @@ torch::Tensor logical_attention(const torch::Tensor& q, const torch::Tensor& k,
       }
     }
   });
+#elif defined(HASTEN_AVX2)
+  TORCH_CHECK(group <= 16, "at most 16 query heads per kv head");
+  auto run = [&](auto* kp, auto* vp) {
+    using E = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
+    auto fixed = [D, group](const float* qs, const E* kb, const E* vb, const int64_t* st, int64_t n,
+                            int64_t cap, float* scores, int64_t stride, float* const* outs, float* part) {
+      hasten_avx2::attend(qs, kb, vb, st, n, cap, D, group, scores, stride, outs, part);
+    };
+    attend_cached<E>(fixed, qp, kp, vp, sp, cp, rp, R, T, D, KV, cap, W, group, scale, op);
+  };
+  if (k.scalar_type() == torch::kHalf)
+    run(k.data_ptr<c10::Half>(), v.data_ptr<c10::Half>());
+  else
+    run(k.data_ptr<float>(), v.data_ptr<float>());
+  (void)chunks;
 #else
-  TORCH_CHECK(k.scalar_type() == torch::kFloat32, "a float16 cache needs the AVX-512 kernels");
+  TORCH_CHECK(k.scalar_type() == torch::kFloat32, "a float16 cache needs the AVX-512 or AVX2 kernels");
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   at::parallel_for(0, H * T, 4, [&](int64_t i0, int64_t i1) {
@@ -655,6 +689,36 @@ inline void sign_tile(const float* x, int64_t K, const uint8_t* bits, int64_t ro
 }
 #endif
 
+#if defined(HASTEN_AVX2)
+// The same in 8 lanes. AVX2 has no mask registers: each byte of bits becomes a lane mask
+// (lane i: bit i set), and x & mask is added. Where the bit is clear that adds +0, which
+// leaves the sum as it is (it starts at +0 and is never -0), as the masked add does.
+template <int R, int C>
+inline void sign_tile8(const float* x, int64_t K, const uint8_t* bits, int64_t row_bytes,
+                       const float* xsum, float* y, int64_t ldy) {
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  auto mask_of = [&](uint8_t byte) {
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(byte), lane_bit), lane_bit));
+  };
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  const int64_t full = K / 8, tail = K - 8 * full;  // tail < 8 inputs: x read under a mask
+  for (int64_t g = 0; g < full + (tail > 0); ++g) {
+    __m256 m[C];
+    for (int c = 0; c < C; ++c) m[c] = mask_of(bits[c * row_bytes + g]);
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(g < full ? 8 : tail)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = g < full ? _mm256_loadu_ps(x + r * K + 8 * g) : _mm256_maskload_ps(x + r * K + 8 * g, live);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_add_ps(acc[r][c], _mm256_and_ps(xv, m[c]));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) y[r * ldy + c] = 2.f * hasten_kernels::reduce_add8(acc[r][c]) - xsum[r];
+}
+#endif
+
 float scalar_sign_dot(const float* x, int64_t K, const uint8_t* bits) {
   float acc = 0.f;
   for (int64_t k = 0; k < K; ++k)
@@ -699,6 +763,19 @@ torch::Tensor sign_matmul(const torch::Tensor& x, const torch::Tensor& packed) {
         default: HASTEN_SIGN(4)
       }
 #undef HASTEN_SIGN
+#elif defined(HASTEN_AVX2)
+      int64_t n = n0;
+#define HASTEN_SIGN(R)                                                                        \
+  for (; n + 2 <= n1; n += 2) sign_tile8<R, 2>(xr, K, bp + n * row_bytes, row_bytes, xsum.data() + r0, yr + n, N); \
+  for (; n < n1; ++n) sign_tile8<R, 1>(xr, K, bp + n * row_bytes, row_bytes, xsum.data() + r0, yr + n, N);         \
+  break;
+      switch (rows) {
+        case 1: HASTEN_SIGN(1)
+        case 2: HASTEN_SIGN(2)
+        case 3: HASTEN_SIGN(3)
+        default: HASTEN_SIGN(4)
+      }
+#undef HASTEN_SIGN
 #else
       for (int64_t n = n0; n < n1; ++n)
         for (int r = 0; r < rows; ++r)
@@ -714,6 +791,8 @@ torch::Tensor sign_matmul(const torch::Tensor& x, const torch::Tensor& packed) {
 bool fixed_attention(int64_t head_dim, int64_t group) {
 #if defined(__AVX512F__)
   return head_dim % 16 == 0 && attend_for<float>(head_dim / 16, group) != nullptr;
+#elif defined(HASTEN_AVX2)
+  return head_dim % 16 == 0 && head_dim <= 256 && group <= 16;
 #else
   return false;
 #endif
@@ -724,6 +803,17 @@ bool has_avx512() {
   return true;
 #else
   return false;
+#endif
+}
+
+// Which vector code this build runs: "avx512", "avx2" (8 lanes) or "scalar".
+std::string simd() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(HASTEN_AVX2)
+  return "avx2";
+#else
+  return "scalar";
 #endif
 }
 
@@ -874,6 +964,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("f32_matmul", &f32_matmul, free_gil, "x [M, K] float32 @ W.T, W [N, K] float32, rows independent of M -> [M, N]");
   m.def("sign_matmul", &sign_matmul, free_gil, "x [M, K] float32 @ S.T for packed sign bits [N, ceil(K/8)] -> [M, N]");
   m.def("has_avx512", &has_avx512, "whether the AVX-512 path was compiled");
+  m.def("simd", &simd, "the vector code compiled: avx512, avx2 or scalar");
   m.def("fixed_attention", &fixed_attention, "whether the register-resident attention loop exists for (head_dim, query heads per kv head)");
   m.def("block_step", &block_step, free_gil, "one exact float32 decoder block for T tokens (see above)");
   m.def("q8_pack", &hasten_q8::pack, free_gil, "GGUF blocks [N, K/32*bytes] (kind 0 Q4_1, 1 Q8_0) -> the q8 matmul's layout");
