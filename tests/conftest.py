@@ -1,9 +1,16 @@
+import os
+
 import pytest
 import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from hasten.paths import kernel_root
 from tiny import hf_reference, tiny_config
+
+# One kernel build for the whole run: many tests (and the processes they start) point
+# HASTEN_CACHE at a fresh folder, and each would compile the kernels again there.
+os.environ.setdefault("HASTEN_KERNEL_CACHE", str(kernel_root()))
 
 WORDS = "the a cat dog sat ran on under mat log and then it was big small".split()
 

@@ -122,7 +122,9 @@ def test_compact_q8_keeps_a_float16_cache_and_stays_exact(tmp_path, cache, kerne
     from hasten.decoding.batched import BatchedDecoder
     from hasten.models.compact import half_cache_fits
     cfg, path = tiny_gguf(tmp_path, head_dim=32, num_heads=4, num_kv_heads=2)
-    assert half_cache_fits(cfg) and not half_cache_fits(cfg.__class__(**{**vars(cfg), "head_dim": 16}))
+    assert half_cache_fits(cfg)
+    if kernel.simd() == "avx512":  # its register-resident loop has no head size 16 (AVX2's has)
+        assert not half_cache_fits(cfg.__class__(**{**vars(cfg), "head_dim": 16}))
     model = hasten.load(str(path), weights="compact-q8", progress=False)
     b = model.backbone
     assert b.kv_dtype == torch.float16 and b.exact

@@ -21,6 +21,15 @@ def cache_root() -> Path:
     return base / "hasten"
 
 
+def kernel_root() -> Path:
+    """Where the compiled kernels are built: `$HASTEN_KERNEL_CACHE`, else `cache_root()/kernels`.
+    A build's folder is named by its sources, flags, torch and CPU, so caches may share one
+    (the tests do: each of their fresh caches would otherwise compile it again, ~1 min)."""
+    if os.environ.get("HASTEN_KERNEL_CACHE"):
+        return Path(os.environ["HASTEN_KERNEL_CACHE"]).expanduser()
+    return cache_root() / "kernels"
+
+
 def write_json(path: Path, data) -> None:
     """`data` as JSON at `path`, whole or not at all: written beside it, then moved over it (a
     crash or a concurrent reader never sees half a file)."""

@@ -4,9 +4,9 @@
 numbers gguf's dequantizer gives, bit for bit), without ever holding W in float32:
 
   - the compiled kernel (`kernels/quant_matmul.cpp`: AVX-512 where the CPU has it, else AVX2
-    + FMA + F16C, else scalar loops), built once per machine with torch's C++ extension tools into `cache_root()/kernels/`; every output row
-    is computed by the same instructions whatever the row count, so verify rows equal plain
-    ones bit for bit;
+    + FMA + F16C, else scalar loops), built once per machine with torch's C++ extension tools
+    into `paths.kernel_root()`; every output row is computed by the same instructions whatever
+    the row count, so verify rows equal plain ones bit for bit;
   - else a pure-torch fallback that dequantizes per call (exact weights, slow, the row
     behaviour of the float32 matmul underneath).
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..paths import cache_root
+from ..paths import kernel_root
 
 BLOCK = 32  # weights per GGUF block (Q4_1, Q8_0)
 BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
@@ -82,7 +82,7 @@ def _build():
         raise RuntimeError("HASTEN_NO_KERNELS is set")
     from torch.utils.cpp_extension import load
 
-    folder = cache_root() / "kernels" / f"quant_matmul-{source_key()}"
+    folder = kernel_root() / f"quant_matmul-{source_key()}"
     folder.mkdir(parents=True, exist_ok=True)
     built = folder / "quant_matmul.so"
     if built.exists():
