@@ -43,8 +43,11 @@ def test_speculative_drafters_reproduce_plain_greedy(model):
     want = list(model.generate_ids(ids, 48))
     for draft in ("lookup", "model", "medusa", "eagle"):  # medusa, eagle: the heads shipped in the package
         assert list(model.generate_ids(ids, 48, draft=draft, tree_size=6)) == want, draft
-    assert list(model.generate_ids(ids, 48, draft="lookup")) == want  # adaptive tree size
-    assert model.last_stats.mean_accepted > 1.0  # the answer repeats the prompt's code
+        if draft == "lookup":
+            assert model.last_stats.mean_accepted > 1.0  # the answer repeats the prompt's code
+    # The adaptive tree size follows this machine's measured costs (it may draft nothing where
+    # a verify costs more than it returns), so only its tokens are checked.
+    assert list(model.generate_ids(ids, 48, draft="lookup")) == want
     assert list(model.generate_ids(ids, 16, draft="lookup", tree_size=0)) == want[:16]
     assert set(model.last_stats.accepted) == {1}  # tree size 0 means no drafts at all
 
