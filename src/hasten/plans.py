@@ -89,10 +89,13 @@ def candidates(has_gguf: bool, lean: bool, device: str = "cpu") -> list[str]:
     """The plans worth measuring for a model: compact only for a GGUF on the lean runtime,
     compact-q8 only where its kernel builds (it has no pure-torch fallback), half precision
     only where the machine computes in it (`emulated`)."""
-    plans = ["float32", "bfloat16"] if not lean else list(AUTO_CANDIDATES)
     from .models.quant_kernels import kernel_module
-    return [p for p in plans if not (p.startswith("compact") and not (
-        has_gguf and (p == "compact" or kernel_module() is not None))) and not emulated(p, device)]
+
+    def worth(plan: str) -> bool:
+        if plan.startswith("compact"):
+            return has_gguf and (plan == "compact" or kernel_module() is not None)
+        return not emulated(plan, device)
+    return [p for p in (AUTO_CANDIDATES if lean else ("float32", "bfloat16")) if worth(p)]
 
 
 EMULATED_RATIO = 4.0  # a half-precision product this many times float32's: not the CPU's own

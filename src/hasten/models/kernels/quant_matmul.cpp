@@ -231,6 +231,12 @@ torch::Tensor f32_matmul(const torch::Tensor& x, const torch::Tensor& w) {
   return block_matmul(x, w, F32);
 }
 
+// Keys per part: a query with more keys than this is split at logical positions PART, 2 PART, ...
+// (whatever else shares the call), the parts computed independently (spread over the threads:
+// one query's 3 kv heads alone would keep one of two threads idle a third of the time) and
+// combined in order. A query with at most PART keys runs in one part, as before the split.
+constexpr int64_t PART = 512;
+
 #if defined(__AVX512F__)
 // One query head's attention weights, in place: its n scores become exp(s - max) (the tail up
 // to `stride` padded with -inf, one vectorised exp over whole chunks); returns their sum, key
@@ -327,12 +333,6 @@ template <typename KV>
 using AttendFixed = void (*)(const float*, const KV*, const KV*, const int64_t*, int64_t,
                              int64_t, float*, int64_t, float* const*, float*);
 
-// Keys per part: a query with more keys than this is split at logical positions PART, 2 PART, ...
-// (whatever else shares the call), the parts computed independently (spread over the threads:
-// one query's 3 kv heads alone would keep one of two threads idle a third of the time) and
-// combined in order. A query with at most PART keys runs in one part, as before the split.
-constexpr int64_t PART = 512;
-
 // One query head's parts (np of them, `D + 2` floats apart: max, sum, D output sums), in
 // order: each rescaled by exp(its max - the overall max), summed, then normalised.
 inline void combine_parts(const float* part, int64_t np, int64_t pstride, int64_t D, float* out) {
@@ -376,7 +376,6 @@ AttendFixed<KV> attend_for(int64_t DV, int64_t G) {
 #endif
 
 #if defined(HASTEN_AVX2)
-constexpr int64_t PART = 512;  // as above
 using hasten_avx2::combine_parts;
 #endif
 
@@ -435,7 +434,7 @@ void attend_cached(const Fixed& fixed, const float* qp, const E* kp, const E* vp
 // j-th logical key), counts [T] (its number of keys). For every (head, query) the same fixed
 // sequence runs over its keys in logical order: scores, their max, exp (one vectorised exp
 // over chunks of 16 counted from key 0, the tail padded with -inf), the sum of weights and
-// the weighted sum of values, key after key. Past PART keys (AVX-512 path) that sequence runs
+// the weighted sum of values, key after key. Past PART keys (vector paths) that sequence runs
 // per part of PART logical positions and the parts are combined in order (`combine_parts`).
 // So a query's output depends on its own keys only: not on how many queries share the call,
 // where its keys sit, or what else is cached.
