@@ -7,7 +7,7 @@ Writes, for the default model (its default plan, batched teacher forcing): token
 final.npy (the last hidden state after the final norm, float16), taps.npy (the residuals after
 layers 2, 15 and 27 side by side, float16) and index.npy (start, length, prompt length).
 Then `scripts/eagle_taps_train.py final|taps EPOCHS`."""
-import os, sys, time, json, numpy as np, torch, hasten
+import os, sys, time, numpy as np, torch, hasten
 from hasten.eagle.data import sharegpt_records
 from hasten.medusa.data import batches_by_length
 torch.set_num_threads(2)
@@ -24,7 +24,8 @@ print("records", len(recs), "tokens", tot, flush=True)
 toks = np.zeros(tot, np.int32); final = np.zeros((tot, d), np.float16); taps = np.zeros((tot, 3 * d), np.float16)
 for i, r in enumerate(recs): toks[off[i]:off[i+1]] = r["prompt_ids"] + r["answer_ids"]
 cap = {}
-hooks = [bb.blocks[l].register_forward_hook(lambda m, a, o, j=j: cap.__setitem__(j, o)) for j, l in enumerate(TAPS)]
+for j, l in enumerate(TAPS):  # the residual stream after block l
+    bb.blocks[l].register_forward_hook(lambda m, a, o, j=j: cap.__setitem__(j, o))
 t0 = time.time(); done = 0
 with torch.inference_mode():
     for batch in batches_by_length(lengths, 4096):

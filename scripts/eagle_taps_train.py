@@ -8,11 +8,12 @@ eagle_taps_features.py):
 Both heads start from the same seed; the taps head's reduction starts as "take the high layer"
 (each tap RMS-normalised first: their scales differ ~10x). Losses as `hasten train eagle`
 (feature regression + token cross-entropy against the target, one unrolled step)."""
-import os, sys, time, json, math, random, numpy as np, torch, torch.nn.functional as F, hasten
+import os, sys, time, random, numpy as np, torch, hasten
+from types import SimpleNamespace
 from torch import nn
 from hasten.eagle.head import EagleHead, EagleConfig
-from hasten.eagle.train import EagleTrainConfig, lr_at, _use_bf16_autocast
-from hasten.eagle.data import trained_positions
+from hasten.eagle.train import EagleTrainConfig, eagle_loss, lr_at, _use_bf16_autocast
+from hasten.eagle.data import frequent_tokens
 from hasten.medusa.data import batches_by_length
 from hasten.medusa.heads import lm_head_weight
 from hasten.eagle.drafter import embedding_weight
@@ -23,10 +24,7 @@ model = hasten.load(progress=False); bb = model.backbone; d = bb.config.hidden_s
 toks = np.load(DIR + "/tokens.npy"); final = np.load(DIR + "/final.npy", mmap_mode="r")
 taps = np.load(DIR + "/taps.npy", mmap_mode="r"); index = np.load(DIR + "/index.npy")
 HOLD = 100; train_idx, held_idx = list(range(len(index) - HOLD)), list(range(len(index) - HOLD, len(index)))
-counts = np.zeros(bb.config.vocab_size, np.int64)
-for i in train_idx:
-    s, L, p = index[i]; np.add.at(counts, toks[s + p:s + L], 1)
-vocab = torch.from_numpy(np.sort(np.argsort(-counts, kind="stable")[:8192])).long()
+vocab = frequent_tokens(SimpleNamespace(tokens=toks, index=index[train_idx]), 8192)
 
 class Head3(EagleHead):
     def __init__(self, cfg):
@@ -48,30 +46,17 @@ embed = embedding_weight(bb).detach().float(); vw = lm_head_weight(bb).detach().
 src = taps if variant == "taps" else final
 
 def batch(ids):
+    """`training_batch`'s dict, with the head's input features (`src`) beside the targets."""
     w = max(int(index[i][1]) for i in ids)
     tk = np.zeros((len(ids), w + cfg.unroll), np.int64); inp = np.zeros((len(ids), w, src.shape[1]), np.float32)
     tf = np.zeros((len(ids), w, d), np.float32)
     for r, i in enumerate(ids):
-        s, L, p = (int(x) for x in index[i]); tk[r, :L] = toks[s:s + L]; inp[r, :L] = src[s:s + L]; tf[r, :L] = final[s:s + L]
-    return (torch.from_numpy(tk), torch.from_numpy(inp), torch.from_numpy(tf),
-            torch.tensor([int(index[i][1]) for i in ids]), torch.tensor([int(index[i][2]) for i in ids]))
+        s, L, _ = (int(x) for x in index[i]); tk[r, :L] = toks[s:s + L]; inp[r, :L] = src[s:s + L]; tf[r, :L] = final[s:s + L]
+    return {"tokens": torch.from_numpy(tk), "features": torch.from_numpy(tf), "inputs": torch.from_numpy(inp),
+            "lengths": torch.tensor([int(index[i][1]) for i in ids]), "prompts": torch.tensor([int(index[i][2]) for i in ids])}
 
 def loss_of(b, train=True):
-    tk, inp, tf, lengths, prompts = b
-    B, width, _ = tf.shape
-    embeds = embed[tk[:, 1:]]; inputs = inp[:, :width - 1]
-    if train: inputs = inputs + (torch.rand_like(inputs) - 0.5) * cfg.noise
-    outs = head(embeds, inputs, unroll=cfg.unroll)
-    with torch.no_grad(): target_logp = (tf[:, 1:] @ vw.T).float().log_softmax(-1)
-    total = tf.new_zeros(()); st = {}
-    for s, out in enumerate(outs):
-        n = width - 1 - s; mask = trained_positions(lengths, prompts, n, s)
-        if n <= 0 or not bool(mask.any()): continue
-        tgt = target_logp[:, s:s + n][mask]; pred = out[:, :n][mask].float()
-        logq = (pred @ vw.T).float().log_softmax(-1)
-        total = total + cfg.decay ** s * (-(tgt.exp() * logq).sum(-1).mean() + F.smooth_l1_loss(pred, tf[:, 1 + s:1 + s + n][mask]))
-        st[f"acc{s+1}"] = float((logq.argmax(-1) == tgt.argmax(-1)).float().mean()); st[f"n{s+1}"] = int(mask.sum())
-    return total, st
+    return eagle_loss(head, b, embed, vw, cfg, train)
 
 def evaluate():
     head.eval(); sums, cnt = {}, {}

@@ -58,11 +58,12 @@ def lr_at(step: int, total: int, cfg: EagleTrainConfig) -> float:
 def eagle_loss(head: EagleHead, batch: dict, embed: torch.Tensor, vocab_weight: torch.Tensor,
                cfg: EagleTrainConfig, train: bool = True) -> tuple[torch.Tensor, dict]:
     """The loss of a batch from `training_batch`, and top-1 agreement with the target per
-    depth (depth s + 1 = unrolled step s)."""
+    depth (depth s + 1 = unrolled step s). The head reads `batch["inputs"]` where the batch has
+    them (another feature than the one it predicts, e.g. several layers'), else the features."""
     tokens, feats = batch["tokens"], batch["features"]
     b, width, _ = feats.shape
     embeds = embed[tokens[:, 1:]]  # the pair at i holds x_{i+1}; [B, width - 1 + unroll, d]
-    inputs = feats[:, :width - 1]
+    inputs = batch.get("inputs", feats)[:, :width - 1]
     if train and cfg.noise:
         inputs = inputs + (torch.rand_like(inputs) - 0.5) * cfg.noise
     outs = head(embeds, inputs, unroll=cfg.unroll)
