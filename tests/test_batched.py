@@ -175,9 +175,9 @@ def test_compact_weights_rows_equal_solo_decoding(tmp_path, monkeypatch):
     forward = decoder._forward
 
     def watched(step):
-        logits, hidden = forward(step)
+        logits, hidden, taps = forward(step)
         seen.append(logits)
-        return logits, hidden
+        return logits, hidden, taps
     monkeypatch.setattr(decoder, "_forward", watched)
     decoder.step()
     for r, (p, seq) in enumerate(zip(ps, seqs)):

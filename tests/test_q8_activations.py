@@ -139,7 +139,7 @@ def test_compact_q8_keeps_a_float16_cache_and_stays_exact(tmp_path, cache, kerne
     decoder = BatchedDecoder(b, 2, 128)
     assert decoder.k.dtype == torch.float16
     seqs = [decoder.add(p) for p in prompts]
-    logits, _ = decoder._forward(decoder._layout([None, None]))  # noqa: SLF001
+    logits, _, _ = decoder._forward(decoder._layout([None, None]))  # noqa: SLF001
     for r, (p, seq) in enumerate(zip(prompts, seqs)):
         b.reset(1, 128)
         b.forward(torch.tensor([p]))
@@ -175,7 +175,7 @@ def test_training_features_come_from_the_decode_kernels(tmp_path, cache, kernel)
             for n in (9, 30)]
     assert b.prefill_plan(30) is not None  # the solo path is taken
     states = sequence_states(b, seqs)
-    padded = padded_forward(b, seqs)
+    padded = padded_forward(b, seqs).hidden
     for s, h, row in zip(seqs, states, padded):
         b.reset(1, 64)
         decoded = []

@@ -305,3 +305,42 @@ def test_the_engine_decodes_on_the_compute_thread_it_is_given(model, solo):
     assert answers == solo[:2]
     assert seen and set(seen) == {loader}
     assert not any(t.name == "hasten-engine" for t in set(threading.enumerate()) - before)
+
+
+def test_eagle_over_several_layers_speculates_inside_the_batch_with_solo_answers(model, monkeypatch,
+                                                                                 tmp_path):
+    """A head reading several layers (`feature_layers`): the batch keeps those layers' outputs
+    for every row, each request's drafter reads its own, and answers stay the solo ones."""
+    from hasten.drafters.spec import DraftSpec
+    from hasten.eagle.drafter import EagleDrafter
+    from hasten.eagle.head import EagleConfig, EagleHead, save_head
+    from hasten.medusa.heads import base_identity
+    torch.manual_seed(0)
+    head = EagleHead(EagleConfig.like(model.backbone.config, feature_layers=[0, 1]))
+    save_head(head, tmp_path / "head", base_identity(model.backbone, "tiny"))
+    want = [model.generate(REPEAT, 60, temperature=0), model.generate(QUESTIONS[2], 40, temperature=0)]
+    widths = []
+    observe = EagleDrafter.observe
+    monkeypatch.setattr(EagleDrafter, "observe", lambda self, tokens, feats=None: (
+        widths.append(None if feats is None else feats.shape[-1]), observe(self, tokens, feats))[1])
+    s = Server(create_app(model, draft=DraftSpec("eagle", eagle_head=str(tmp_path / "head")),
+                          log=False, tree_size=4))
+    engine = s.app.state.engine
+    gate = ForwardGate(monkeypatch, model.backbone, after=3)  # prefill + 2 speculative steps
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            lone = pool.submit(ask, s.client(), REPEAT, max_tokens=60, draft="eagle")
+            wait_for(lambda: gate.calls > 3, "the lone request to reach the gate")
+            other = pool.submit(ask, s.client(), QUESTIONS[2], draft="eagle")
+            wait_for(lambda: engine.queued == 1, "the second request to wait")
+            gate.opened.set()
+            (text_a, ra), (text_b, rb) = lone.result(30), other.result(30)
+        assert [text_a, text_b] == want
+        assert engine.decoder.taps == (0, 1)
+        assert set(widths) == {2 * model.backbone.config.hidden_size}  # solo and in the batch
+        for r in (ra, rb):
+            stats = r.model_extra["hasten"]
+            assert stats["draft"] == "eagle" and stats["max_batch_size"] == 2
+    finally:
+        gate.opened.set()
+        s.stop()

@@ -127,6 +127,11 @@ def _register_eagle(tsub) -> None:
     e.add_argument("--init", default=None, metavar="HEAD",
                    help="start from this head (a folder, or 'default' for the packaged head of "
                         "the model) instead of random weights; its draft vocabulary is kept")
+    e.add_argument("--feature-layers", default=None, metavar="L1,L2,...",
+                   help="read the outputs of these target layers (0-based) instead of the last "
+                        "hidden state, EAGLE-3's idea: e.g. 'auto' for layer 2, the middle one "
+                        "and the last. With --init from a head over the last hidden state, the "
+                        "new head starts as that head (the last layer's part reproduces it)")
     e.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--save-dtype", default="float16", choices=("float16", "bfloat16", "float32"))
@@ -218,9 +223,30 @@ def _run_eagle(args) -> None:
     if args.init:  # the base model is checked: a head of another model is refused
         from ..eagle.drafter import find_head
         init = find_head(model, None if args.init == "default" else args.init).head
+    cfg_layers = model.backbone.config
+    num_layers = getattr(cfg_layers, "num_layers", None) or cfg_layers.num_hidden_layers
+    layers = parse_feature_layers(args.feature_layers, num_layers) \
+        if args.feature_layers else None
     record = run_eagle(model.backbone, records, args.out, name=model.name, model_key=_model_key(model),
                        cfg=cfg, holdout=args.holdout, draft_vocab=args.draft_vocab,
                        cache_dir=args.cache_dir, device=device,
-                       save_dtype=getattr(torch, args.save_dtype), init=init)
+                       save_dtype=getattr(torch, args.save_dtype), init=init,
+                       feature_layers=layers)
     log(f"EAGLE head written to {args.out}: {record['tokens']} tokens, {record['steps']} steps, "
         f"{record['seconds']} s; held-out top-1 agreement per depth {record.get('heldout')}")
+
+
+def parse_feature_layers(text: str, num_layers: int) -> list[int]:
+    """'auto' (layer 2, the middle one and the last) or comma-separated 0-based layer indices."""
+    if text == "auto":
+        return sorted({min(2, num_layers - 1), num_layers // 2, num_layers - 1})
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise HastenError(f"--feature-layers: {text!r} is not 'auto' or comma-separated layer "
+                          "numbers") from None
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if not layers or bad or len(set(layers)) != len(layers):
+        raise HastenError(f"--feature-layers: give distinct layers in 0..{num_layers - 1} "
+                          f"(got {text!r})")
+    return layers

@@ -57,7 +57,7 @@ from ..errors import ContextFullError
 from ..models.compact import block_step, fused_layers
 from ..models.exact_attention import BLOCK, _block_partials  # the same block arithmetic
 from ..models.exact_attention import exact_attention, plan_keys
-from ..models.llama import LlamaModel, rope_inv_freq
+from ..models.llama import LlamaModel, rope_inv_freq, side_by_side
 from ..models.quant_kernels import batched_logical_attention
 from .accept import accept_greedy
 from .budget import CostCurve
@@ -85,6 +85,9 @@ class Sequence:
     # [n, d] the target's final hidden states at the positions committed last (the prompt's
     # after `add`): drafters read them (Medusa: the last row; EAGLE: all). None after `adopt`.
     hidden: torch.Tensor | None = None
+    # [n, len(taps) d] the outputs of the decoder's tapped layers at the same positions
+    # (`BatchedDecoder.taps`; EAGLE heads over several layers read them). None if none.
+    taps: torch.Tensor | None = None
 
 
 class BatchedDecoder:
@@ -114,6 +117,9 @@ class BatchedDecoder:
         self.tree_token_seconds: float | None = None
         self.max_step_tokens = max(rows, MAX_STEP_TOKENS)  # what `speculate` may carry at most
         self.route_tenants = False  # set by the caller when the model has BitDelta tenants
+        # Layers whose outputs every step keeps for its sequences (`Sequence.taps`): set by
+        # the caller when a drafter reads them (their union; a copy of a few rows per layer).
+        self.taps: tuple[int, ...] = ()
 
     @property
     def free(self) -> int:
@@ -139,11 +145,12 @@ class BatchedDecoder:
         ids = torch.tensor([prompt], device=m.device)
         cos, sin = self.cos[:t][None, None], self.sin[:t][None, None]
         # Exactly the solo prefill: its plan (compiled blocks, or SDPA: None) and its layers.
-        x = m.run_layers(m.embed(ids), cos, sin, self.k[:, row:row + 1], self.v[:, row:row + 1],
-                         0, None, m.prefill_plan(t))
+        x, taps = m.run_layers(m.embed(ids), cos, sin, self.k[:, row:row + 1],
+                               self.v[:, row:row + 1], 0, None, m.prefill_plan(t), self.taps)
         hidden = m.norm(x)  # row-local: the last row is what the solo prefill gets
         logits = m.lm_head(hidden[:, -1:])[0, -1]
         seq.hidden = hidden[0]
+        seq.taps = None if taps is None else taps[0]
         seq.length, seq.root = t, int(choose(logits, params, generator))
         seq.tokens.append(seq.root)
         self.sequences.append(seq)
@@ -197,8 +204,8 @@ class BatchedDecoder:
         start = time.perf_counter()
         step = self._layout([trees.get(s) if trees.get(s) is not None and trees[s].size else None
                              for s in seqs])
-        logits, hidden = self._forward(step)
-        out = self._accept(step, logits, hidden)  # its host copies wait for the device
+        logits, hidden, taps = self._forward(step)
+        out = self._accept(step, logits, hidden, taps)  # its host copies wait for the device
         self._measure(len(seqs), sum(t.size for t in step.trees if t is not None),
                       time.perf_counter() - start)
         return out
@@ -247,8 +254,9 @@ class BatchedDecoder:
         return _Step(as_tensor(tokens), as_tensor(positions), as_tensor(rows), as_tensor(slots),
                      starts, trees, plans, pad, tenants)
 
-    def _forward(self, step: _Step) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [T, vocab] and final hidden states [T, d] of the step's tokens (pad dropped)."""
+    def _forward(self, step: _Step) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Logits [T, vocab], final hidden states [T, d] and the tapped layers' outputs
+        [T, len(taps) d] (or None) of the step's tokens (pad dropped)."""
         m, seqs = self.model, self.sequences
         n = len(seqs)
         self._route(step.tenants)  # one tenant per token: every token is a batch row
@@ -262,11 +270,12 @@ class BatchedDecoder:
         every = None  # all blocks in one compiled call where they allow: the same bits
         if fused is not None and not step.pad and m.run_blocks is not None:
             every = m.run_blocks(m, x, cos, sin, self.k, self.v, *fused,
-                                 write_rows=step.rows, write_slots=step.slots)
+                                 write_rows=step.rows, write_slots=step.slots, taps=self.taps)
         if every is not None:
-            x = every
+            x, tapped = every
         else:
-            x, tree_seconds = self._blocks_one_by_one(x, cos, sin, step, fused, plain, roots, lengths)
+            x, tapped, tree_seconds = self._blocks_one_by_one(x, cos, sin, step, fused, plain,
+                                                              roots, lengths)
         trees = sum(tree is not None for tree in step.trees)
         if trees and fused is None:  # what a tree's own attention calls cost, per step (EMA)
             per_tree = tree_seconds / trees
@@ -275,35 +284,44 @@ class BatchedDecoder:
         # The LM head over every row, the pad copy too: its row count is part of the plain step.
         logits = m.lm_head(hidden)
         t = len(x) - step.pad
-        return logits[:t, 0], hidden[:t, 0]
+        taps = side_by_side(tapped)
+        return logits[:t, 0], hidden[:t, 0], None if taps is None else taps[:t, 0]
 
     def _blocks_one_by_one(self, x, cos, sin, step: _Step, fused, plain: bool, roots,
-                           lengths) -> tuple[torch.Tensor, float]:
-        """The blocks in turn (some cannot run in one call with the rest): x after them, and
-        the seconds spent in the trees' own attention."""
-        m, tree_seconds = self.model, 0.0
-        for i, block in enumerate(m.blocks):
-            layers = fused_layers(block) if fused is not None and not step.pad else None
-            if layers is not None:  # the whole block in one compiled call, the same bits
-                x = block_step(block, layers, x, cos, sin, self.k[i], self.v[i], *fused,
-                               write_rows=step.rows, write_slots=step.slots)
-                continue
-            q, k, v = block.qkv(x, cos, sin)
-            self.k[i, step.rows, :, step.slots] = k[:, :, 0].to(self.k.dtype)  # a float16 cache: rounded
-            self.v[i, step.rows, :, step.slots] = v[:, :, 0].to(self.v.dtype)
-            if fused is not None:  # every token of the step in one compiled call
-                attn = batched_logical_attention(q, self.k[i], self.v[i], *fused, block.hd ** -0.5)
-                x = block.mix(x, attn)
-                continue
-            # Every root over its committed keys and itself, all rows in one call (tree rows'
-            # roots included: recomputed with their trees below, the same numbers in exact mode).
-            attn = self._attention(i, q[roots], lengths, m.exact, block)
-            if not plain:
-                start = time.perf_counter()
-                attn = self._tree_attention(i, q, attn, step, block)
-                tree_seconds += time.perf_counter() - start
-            x = block.mix(x, torch.cat([attn, attn[:step.pad]]) if step.pad else attn)
-        return x, tree_seconds
+                           lengths) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+        """The blocks in turn (some cannot run in one call with the rest): x after them, the
+        outputs of the tapped blocks, and the seconds spent in the trees' own attention."""
+        tree_seconds, tapped = 0.0, {}
+        for i, block in enumerate(self.model.blocks):
+            x, seconds = self._block(i, block, x, cos, sin, step, fused, plain, roots, lengths)
+            tree_seconds += seconds
+            if i in self.taps:
+                tapped[i] = x
+        return x, [tapped[i] for i in self.taps], tree_seconds
+
+    def _block(self, i: int, block, x, cos, sin, step: _Step, fused, plain: bool, roots,
+               lengths) -> tuple[torch.Tensor, float]:
+        """Block i over the step's tokens: x after it, and the seconds its trees' attention took."""
+        m = self.model
+        layers = fused_layers(block) if fused is not None and not step.pad else None
+        if layers is not None:  # the whole block in one compiled call, the same bits
+            return block_step(block, layers, x, cos, sin, self.k[i], self.v[i], *fused,
+                              write_rows=step.rows, write_slots=step.slots), 0.0
+        q, k, v = block.qkv(x, cos, sin)
+        self.k[i, step.rows, :, step.slots] = k[:, :, 0].to(self.k.dtype)  # a float16 cache: rounded
+        self.v[i, step.rows, :, step.slots] = v[:, :, 0].to(self.v.dtype)
+        if fused is not None:  # every token of the step in one compiled call
+            attn = batched_logical_attention(q, self.k[i], self.v[i], *fused, block.hd ** -0.5)
+            return block.mix(x, attn), 0.0
+        # Every root over its committed keys and itself, all rows in one call (tree rows'
+        # roots included: recomputed with their trees below, the same numbers in exact mode).
+        attn = self._attention(i, q[roots], lengths, m.exact, block)
+        seconds = 0.0
+        if not plain:
+            start = time.perf_counter()
+            attn = self._tree_attention(i, q, attn, step, block)
+            seconds = time.perf_counter() - start
+        return block.mix(x, torch.cat([attn, attn[:step.pad]]) if step.pad else attn), seconds
 
     def _fused_keys(self, step: _Step) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(slots [T, W], counts [T], rows [T]) of every token of the step for the compiled
@@ -359,8 +377,8 @@ class BatchedDecoder:
         mask = torch.arange(keys, device=q.device)[None] <= lengths[:, None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None], enable_gqa=gqa)
 
-    def _accept(self, step: _Step, logits: torch.Tensor, hidden: torch.Tensor
-                ) -> list[tuple[Sequence, list[int]]]:
+    def _accept(self, step: _Step, logits: torch.Tensor, hidden: torch.Tensor,
+                taps: torch.Tensor | None) -> list[tuple[Sequence, list[int]]]:
         """Per sequence: the solo engine's acceptance over its rows, the accepted K/V packed
         right after its committed entries (the root stays, path node i moves from slot
         length + 1 + i to length + 1 + depth - 1), its new tokens."""
@@ -380,6 +398,7 @@ class BatchedDecoder:
             moves += [(row, seq.length + j, seq.length + src) for j, src in enumerate(keep)
                       if src != j]
             seq.hidden = hidden[[start + j for j in keep]]
+            seq.taps = None if taps is None else taps[[start + j for j in keep]]
             new = [tree.token_list[i] for i in path] + [bonus] if tree else [bonus]
             seq.length += len(keep)
             seq.root = bonus

@@ -49,7 +49,8 @@ class Drafter(Protocol):
         [n, d]: the target's states at the last n context positions before `accepted`
         (the positions it committed since the last call: the whole prompt after prefill);
         the last row produced `accepted[0]`. Feature drafters (EAGLE) pair them with the
-        tokens that follow."""
+        tokens that follow. A drafter with `feature_layers` (a tuple of layer indices) gets
+        the outputs of those layers side by side here instead (`StepOutput.taps`)."""
 
 
 @torch.inference_mode()
@@ -75,14 +76,16 @@ def generate_speculative(backbone: Backbone, drafter: Drafter | None, prompt: li
     # Slack: the root, the tree, and one slot for the copy row of a padded plain step.
     capacity = cache_capacity(len(prompt), max_new_tokens, max_size + 2, max_positions)
     backbone.reset(1, capacity)
-    out = backbone.forward(torch.tensor([prompt], device=backbone.device), last_only=True)
+    taps = tuple(getattr(drafter, "feature_layers", None) or ())
+    tap = {"taps": taps} if taps else {}  # only then: other backbones need not know taps
+    out = backbone.forward(torch.tensor([prompt], device=backbone.device), last_only=True, **tap)
     backbone.commit()
     hidden = out.hidden[0, -1]
     root = int(choose(out.logits[0, -1], params, generator))
     context = list(prompt) + [root]
     if drafter is not None:
         drafter.reset(list(prompt), capacity)
-        drafter.observe([root], out.hidden[0])
+        drafter.observe([root], (out.taps if taps else out.hidden)[0])
     shadow: ShadowWalk | None = None
     stats.new_tokens = 1
     stats.time_to_first_token = stats.total_time = time.perf_counter() - start
@@ -109,18 +112,22 @@ def generate_speculative(backbone: Backbone, drafter: Drafter | None, prompt: li
             shadow, tree = ShadowWalk(tree), None
         t1 = time.perf_counter()
         if tree is None or tree.size == 0:
-            out = backbone.forward(torch.tensor([[root]], device=backbone.device))
+            out = backbone.forward(torch.tensor([[root]], device=backbone.device), **tap)
             backbone.commit()
             committed = out.hidden[0, -1:]
+            features = (out.taps if taps else out.hidden)[0, -1:]
             path, bonus = [], int(choose(out.logits[0, -1], params, generator))
             t2 = time.perf_counter()
         else:
-            out = backbone.forward(*verify_inputs(tree, root, backbone.length, backbone.device))
+            out = backbone.forward(*verify_inputs(tree, root, backbone.length, backbone.device),
+                                   **tap)
             t2 = time.perf_counter()
             path, bonus = accept_step(tree, out.logits[0], params, generator, typical)
             keep = keep_indices(path)
             backbone.commit(keep)
-            committed = out.hidden[0, keep.to(out.hidden.device)]
+            keep = keep.to(out.hidden.device)
+            committed = out.hidden[0, keep]
+            features = (out.taps if taps else out.hidden)[0, keep]
         hidden = committed[-1]
         if sizer:
             sizer.update(tree.max_depth if tree else 0, len(path), tree.size if tree else 0)
@@ -132,7 +139,7 @@ def generate_speculative(backbone: Backbone, drafter: Drafter | None, prompt: li
         new = [tree.token_list[i] for i in path] + [bonus]
         stats.accepted.append(len(new))
         if drafter is not None:
-            drafter.observe(new, committed)
+            drafter.observe(new, features)
             context.extend(new)
         if shadow is not None and shadow.feed(new):
             sizer.shadow(shadow.tree.max_depth, shadow.accepted, shadow.tree.size)

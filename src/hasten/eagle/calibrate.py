@@ -21,6 +21,7 @@ class _RankCounter:
     def __init__(self, drafter: EagleDrafter, max_size: int):
         self.inner, self.max_size = drafter, max_size
         self.name = drafter.name
+        self.feature_layers = drafter.feature_layers  # the engine taps what the head reads
         self.within = [0] * (max_size + 1)  # summed over steps: accepted drafts ranked < n
         self.steps = 0
         self.tree = None

@@ -11,6 +11,7 @@ resumable) and kept on disk:
 
     tokens.npy    [N] int32       all sequences (prompt + answer) end to end
     features.npy  [N, d] float16  f_i: the target's last hidden state (after the final norm)
+    inputs.npy    [N, k d] float16  (heads over k feature layers only) those layers' outputs
     index.npy     [R, 3] int64    per sequence: start, length, prompt length
     meta.json     what it was built from, progress
 """
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import HastenError
-from ..medusa.data import _fingerprint, _write_json, batches_by_length, lm_hidden_size, sequence_states
+from ..medusa.data import _fingerprint, _write_json, batches_by_length, lm_hidden_size, sequence_outputs
 
 
 def sharegpt_records(tokenizer_encode, eos_id: int | None, limit: int, max_len: int,
@@ -69,6 +70,8 @@ class FeatureCache:
         self.meta = json.loads((self.folder / "meta.json").read_text())
         self.tokens = np.load(self.folder / "tokens.npy", mmap_mode="r")
         self.features = np.load(self.folder / "features.npy", mmap_mode="r")
+        inputs = self.folder / "inputs.npy"  # the head's input where it is not `features`
+        self.inputs = np.load(inputs, mmap_mode="r") if inputs.is_file() else None
         self.index = np.load(self.folder / "index.npy")
 
     def __len__(self) -> int:
@@ -84,14 +87,18 @@ class FeatureCache:
 
 
 def build_features(backbone, records: list[dict], folder: str | Path, model_key: str,
-                   max_tokens: int = 8192, progress: bool = True) -> FeatureCache:
-    """Compute (or reuse, or finish) the feature cache of `records` in `folder`. Resumable:
-    batches are written in place and the progress saved; rerunning continues."""
+                   max_tokens: int = 8192, progress: bool = True,
+                   feature_layers: tuple[int, ...] = ()) -> FeatureCache:
+    """Compute (or reuse, or finish) the feature cache of `records` in `folder`; with
+    `feature_layers`, those layers' outputs too (`inputs.npy`). Resumable: batches are written
+    in place and the progress saved; rerunning continues."""
     from tqdm import tqdm
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     key = {"data": _fingerprint(records), "model": model_key, "records": len(records)}
+    if feature_layers:
+        key["feature_layers"] = list(feature_layers)
     meta_path = folder / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     lengths = [len(r["prompt_ids"]) + len(r["answer_ids"]) for r in records]
@@ -109,10 +116,15 @@ def build_features(backbone, records: list[dict], folder: str | Path, model_key:
                           np.asarray([len(r["prompt_ids"]) for r in records])], axis=1)
         np.save(folder / "index.npy", index.astype(np.int64))
         np.lib.format.open_memmap(folder / "features.npy", "w+", np.float16, (int(offsets[-1]), d))
+        (folder / "inputs.npy").unlink(missing_ok=True)
+        if feature_layers:
+            np.lib.format.open_memmap(folder / "inputs.npy", "w+", np.float16,
+                                      (int(offsets[-1]), len(feature_layers) * d))
         _write_json(meta_path, meta)
     if meta.get("complete"):
         return FeatureCache(folder)
     features = np.load(folder / "features.npy", mmap_mode="r+")
+    inputs = np.load(folder / "inputs.npy", mmap_mode="r+") if feature_layers else None
     batches = batches_by_length(lengths, max_tokens)
     bar = tqdm(total=int(offsets[-1]), desc="target features", unit="tok", unit_scale=True,
                disable=not progress)
@@ -121,10 +133,14 @@ def build_features(backbone, records: list[dict], folder: str | Path, model_key:
         if b < meta["done_batches"]:
             continue
         seqs = [records[i]["prompt_ids"] + records[i]["answer_ids"] for i in batch]
-        for i, states in zip(batch, sequence_states(backbone, seqs)):
+        for i, (states, taps) in zip(batch, sequence_outputs(backbone, seqs, tuple(feature_layers))):
             features[offsets[i]:offsets[i] + lengths[i]] = states.float().cpu().numpy()
+            if inputs is not None:
+                inputs[offsets[i]:offsets[i] + lengths[i]] = taps.float().cpu().numpy()
         if b % 20 == 19 or b == len(batches) - 1:
             features.flush()
+            if inputs is not None:
+                inputs.flush()
             meta["done_batches"] = b + 1
             _write_json(meta_path, meta)
         bar.update(sum(lengths[i] for i in batch))
@@ -139,7 +155,8 @@ def training_batch(cache: FeatureCache, indices: list[int], unroll: int, device)
 
     tokens [B, L] (pairs use tokens 1..), features [B, L, d] float32, and `answer` [B, L]
     True where position i's output is trained (it predicts a token of the answer, i >= P - 2,
-    and its targets exist). Unrolled step s trains i where i + 1 + s < length as well."""
+    and its targets exist). Unrolled step s trains i where i + 1 + s < length as well. A cache
+    with `inputs` adds them as `inputs` [B, L, k d] float32 (what the head reads)."""
     seqs = [cache.sequence(i) for i in indices]
     width = max(len(t) for t, _, _ in seqs)
     d = cache.features.shape[1]
@@ -151,10 +168,17 @@ def training_batch(cache: FeatureCache, indices: list[int], unroll: int, device)
         feats[r, :len(t)] = f
         lengths.append(len(t))
         prompts.append(p)
-    return {"tokens": torch.from_numpy(tokens).to(device),
-            "features": torch.from_numpy(feats).to(device),
-            "lengths": torch.tensor(lengths, device=device),
-            "prompts": torch.tensor(prompts, device=device)}
+    batch = {"tokens": torch.from_numpy(tokens).to(device),
+             "features": torch.from_numpy(feats).to(device),
+             "lengths": torch.tensor(lengths, device=device),
+             "prompts": torch.tensor(prompts, device=device)}
+    if cache.inputs is not None:
+        inputs = np.zeros((len(seqs), width, cache.inputs.shape[1]), dtype=np.float32)
+        for r, i in enumerate(indices):
+            start, length, _ = (int(x) for x in cache.index[i])
+            inputs[r, :length] = cache.inputs[start:start + length]
+        batch["inputs"] = torch.from_numpy(inputs).to(device)
+    return batch
 
 
 def trained_positions(lengths: torch.Tensor, prompts: torch.Tensor, width: int, step: int) -> torch.Tensor:

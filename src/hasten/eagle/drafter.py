@@ -55,6 +55,9 @@ class EagleDrafter:
                 weight = weight[vocab]
             self.weight = weight.to(dtype).contiguous()  # [Vd, d]
         self.vocab = vocab
+        # The target layers the head reads (the engine hands their outputs to `observe`);
+        # empty: the last hidden state.
+        self.feature_layers = tuple(head.config.feature_layers or ())
         self.lm_head_blocks: nn.Module | None = None  # `quantize_for_drafting`
         self.fused: tuple[list[torch.Tensor], list[int]] | None = None  # likewise
         self.embed = embed.detach()
@@ -79,6 +82,10 @@ class EagleDrafter:
     def observe(self, accepted: list[int], hidden: torch.Tensor | None = None) -> None:
         self.context.extend(accepted)
         if hidden is not None:
+            width = self.head.config.hidden_size * max(1, len(self.feature_layers))
+            if hidden.shape[-1] != width:  # a caller that did not tap the head's layers
+                raise HastenError(f"the EAGLE head reads features {width} wide (layers "
+                                  f"{list(self.feature_layers) or 'last'}), got {hidden.shape[-1]}")
             self.pending.append(hidden.reshape(-1, hidden.shape[-1]))
 
     @torch.inference_mode()
@@ -281,6 +288,16 @@ def embedding_weight(backbone) -> torch.Tensor:
     if hasattr(model, "get_input_embeddings"):
         return model.get_input_embeddings().weight
     raise HastenError(f"cannot find the input embedding of {type(backbone).__name__}")
+
+
+def final_norm_weight(backbone) -> torch.Tensor:
+    """The weight of a backbone's final norm (ones where it has none we can find)."""
+    norm = getattr(backbone, "norm", None)
+    if norm is None:
+        inner = getattr(getattr(backbone, "model", None), "model", None)
+        norm = getattr(inner, "norm", None)
+    weight = getattr(norm, "weight", None)
+    return weight.detach().float() if weight is not None else torch.ones(backbone.config.hidden_size)
 
 
 def eagle_drafter(model, head: str | Path | None = None, depth: int | None = None) -> EagleDrafter:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import HastenError
 from ..medusa.export import Layout, write_folder
 from .head import EagleConfig, LoadedEagle, checkpoint_tensors
 
@@ -74,6 +75,12 @@ def eagle_layout(loaded: LoadedEagle, fmt: str, use_draft_vocab: bool = True,
     if fmt not in FORMATS:
         raise ValueError(f"unknown EAGLE export format {fmt!r}; one of {FORMATS}")
     head = loaded.head
+    if head.config.feature_layers:
+        raise HastenError(
+            f"{loaded.folder}: this head reads target layers {head.config.feature_layers} "
+            "(hasten's multi-layer input); vLLM's and SGLang's EAGLE-1 drafts read the last "
+            "hidden state only, and their EAGLE-3 layer is shaped otherwise. Export a head "
+            "trained without --feature-layers")
     weights = checkpoint_tensors(head)
     vocab = weights.pop("draft_vocab", None)
     dtype = dtype or head.fc.weight.dtype

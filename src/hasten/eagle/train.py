@@ -18,13 +18,14 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import HastenError
 from ..medusa.data import batches_by_length
 from .data import FeatureCache, trained_positions, training_batch
 from .head import EagleHead
@@ -201,7 +202,7 @@ class SubsetCache(FeatureCache):
 
     def __init__(self, cache: FeatureCache, indices: list[int]):
         self.folder, self.meta = cache.folder, cache.meta
-        self.tokens, self.features = cache.tokens, cache.features
+        self.tokens, self.features, self.inputs = cache.tokens, cache.features, cache.inputs
         self.index = cache.index[np.asarray(indices, dtype=np.int64)]
 
     @property
@@ -214,27 +215,37 @@ def run_eagle(backbone, records: list[dict], out_dir: str | Path, *, name: str |
               draft_vocab: int = 8192, cache_dir: str | Path | None = None,
               cache_tokens: int = 8192, device=None, save_dtype=torch.float16,
               calibration_prompts: int = 8, progress: bool = True,
-              init: EagleHead | None = None) -> dict:
+              init: EagleHead | None = None, feature_layers: list[int] | None = None) -> dict:
     """Features -> split -> draft vocabulary -> train -> E(n) measured by decoding held-out
     prompts -> `out_dir` holds a loadable head. `init`: a head to continue from (its weights
-    and draft vocabulary) instead of a fresh one."""
+    and draft vocabulary) instead of a fresh one. `feature_layers`: the head reads those
+    target layers' outputs (default: `init`'s, else the last hidden state)."""
     from ..medusa.heads import base_identity, lm_head_weight
     from .data import build_features, frequent_tokens
-    from .drafter import embedding_weight
+    from .drafter import embedding_weight, final_norm_weight
     from .head import EagleConfig, save_head
 
     out_dir = Path(out_dir)
+    had = (init.config.feature_layers or None) if init is not None else None
+    if feature_layers and had and list(feature_layers) != list(had):
+        raise HastenError(f"the --init head reads layers {had}; train that head on them, or "
+                          f"start a head over {list(feature_layers)} from one over the last "
+                          "hidden state")
+    layers = list(feature_layers or had or [])
     cache = build_features(backbone, records, Path(cache_dir or out_dir / "cache"), model_key,
-                           cache_tokens, progress)
+                           cache_tokens, progress, tuple(layers))
     train_ids, held_ids = split_cache_indices(cache, holdout)
     train, held = SubsetCache(cache, train_ids), SubsetCache(cache, held_ids)
     if init is not None:
-        head = EagleHead(init.config)
-        head.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
+        head = EagleHead(replace(init.config, feature_layers=layers or None))
+        weights = {k: v.float() for k, v in init.state_dict().items()}
+        head.load_state_dict(weights, strict=False)  # a new `reduce` keeps its start
+        if layers and not had:  # the last layer normed as the final norm does: init's input
+            head.start_reduce_as_last(final_norm_weight(backbone))
         head.draft_vocab = init.draft_vocab.clone()
     else:
         vocab = frequent_tokens(train, draft_vocab) if draft_vocab else torch.empty(0, dtype=torch.long)
-        head = EagleHead(EagleConfig.like(backbone.config, int(vocab.numel()) or None))
+        head = EagleHead(EagleConfig.like(backbone.config, int(vocab.numel()) or None, layers))
         head.draft_vocab = vocab
     torch.manual_seed(cfg.seed)
     record = train_head(head, train, held, embedding_weight(backbone), lm_head_weight(backbone),

@@ -89,9 +89,10 @@ def record_rows(rec: dict, num_heads: int) -> tuple[int, int, torch.Tensor]:
 
 
 @torch.inference_mode()
-def padded_forward(backbone, seqs: list[list[int]]) -> torch.Tensor:
-    """Last hidden states [B, W, d] of left-padded sequences (each row computed exactly as if
-    alone: own positions, padding masked). Row b's tokens sit at the last len(seqs[b]) slots."""
+def padded_forward(backbone, seqs: list[list[int]], taps: tuple[int, ...] = ()):
+    """The StepOutput of left-padded sequences: hidden [B, W, d] (and `taps`' outputs), each
+    row computed exactly as if alone (own positions, padding masked). Row b's tokens sit at
+    the last len(seqs[b]) slots."""
     rows, width = len(seqs), max(len(s) for s in seqs)
     dev = backbone.device
     ids = torch.zeros(rows, width, dtype=torch.long, device=dev)
@@ -103,27 +104,39 @@ def padded_forward(backbone, seqs: list[list[int]]) -> torch.Tensor:
     eye = torch.eye(width, dtype=torch.bool, device=dev)
     mask = (torch.ones(width, width, dtype=torch.bool, device=dev).tril() & valid[:, None, :]) | eye
     backbone.reset(rows, width)
-    out = backbone.forward(ids, positions=positions, mask=mask, last_only=True)
+    out = backbone.forward(ids, positions=positions, mask=mask, last_only=True,
+                           **({"taps": taps} if taps else {}))
     backbone.commit(torch.empty(0, dtype=torch.long))
-    return out.hidden
+    return out
 
 
 def sequence_states(backbone, seqs: list[list[int]]) -> list[torch.Tensor]:
-    """Last hidden states [len(s), d] of each sequence. Where the backbone prefills a prompt of
-    that length on the kernels it decodes with (`LlamaModel.prefill_plan`: the compact plans,
-    the default), one solo forward per sequence: a drafter then learns from the very features
-    it drafts from (bit for bit: a test checks), and faster (compact-q8, 2 threads: 1,630 against
-    610 tok/s for padded batches). Else one left-padded batch (`padded_forward`)."""
+    """Last hidden states [len(s), d] of each sequence (`sequence_outputs`)."""
+    return [hidden for hidden, _ in sequence_outputs(backbone, seqs)]
+
+
+def sequence_outputs(backbone, seqs: list[list[int]], taps: tuple[int, ...] = ()
+                     ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per sequence: last hidden states [len(s), d] and the outputs of layers `taps` [len(s),
+    len(taps) d] (None without taps). Where the backbone prefills a prompt of that length on
+    the kernels it decodes with (`LlamaModel.prefill_plan`: the compact plans, the default),
+    one solo forward per sequence: a drafter then learns from the very features it drafts
+    from (bit for bit: a test checks), and faster (compact-q8, 2 threads: 1,630 against 610
+    tok/s for padded batches). Else one left-padded batch (`padded_forward`)."""
     from ..models.llama import LlamaModel
+    tap = {"taps": taps} if taps else {}
     if isinstance(backbone, LlamaModel) and all(backbone.prefill_plan(len(s)) is not None for s in seqs):
         out, capacity = [], max(map(len, seqs))
         for s in seqs:
             backbone.reset(1, capacity)  # one allocation for the batch (reset reuses it)
-            out.append(backbone.forward(torch.tensor([s], device=backbone.device), last_only=True).hidden[0])
+            step = backbone.forward(torch.tensor([s], device=backbone.device), last_only=True, **tap)
+            out.append((step.hidden[0], None if step.taps is None else step.taps[0]))
             backbone.commit(torch.empty(0, dtype=torch.long))
         return out
-    hidden = padded_forward(backbone, seqs)
-    return [hidden[r, hidden.shape[1] - len(s):] for r, s in enumerate(seqs)]
+    step = padded_forward(backbone, seqs, taps)
+    width = step.hidden.shape[1]
+    return [(step.hidden[r, width - len(s):], None if step.taps is None else step.taps[r, width - len(s):])
+            for r, s in enumerate(seqs)]
 
 
 def batches_by_length(lengths: list[int], max_tokens: int, max_rows: int = 64) -> list[list[int]]:

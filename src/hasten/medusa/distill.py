@@ -196,7 +196,7 @@ def _save_topk(backbone, batch, answers, k: int, path: Path) -> None:
     from safetensors.torch import save_file
 
     seqs = [ids + ans for (_, ids, _), ans in zip(batch, answers)]
-    hidden = padded_forward(backbone, seqs)
+    hidden = padded_forward(backbone, seqs).hidden
     weight = lm_head_weight(backbone)
     width = hidden.shape[1]
     tensors = {}

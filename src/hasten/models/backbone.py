@@ -24,6 +24,9 @@ from ..errors import ContextFullError
 class StepOutput:
     logits: torch.Tensor  # [batch, T, vocab] (or [batch, 1, vocab] with last_only)
     hidden: torch.Tensor  # [batch, T, hidden] after the final norm: what Medusa heads read
+    # [batch, T, len(taps) * hidden]: the residual stream after each layer `forward` was asked
+    # to tap, side by side in the order asked (EAGLE-3-style heads read them); None if none.
+    taps: torch.Tensor | None = None
 
 
 def check_step(length: int, new: int, capacity: int, rows: int, cache_rows: int) -> None:
@@ -34,6 +37,14 @@ def check_step(length: int, new: int, capacity: int, rows: int, cache_rows: int)
             f"{capacity}; shorten the prompt or lower --max-new-tokens")
     if rows != cache_rows:
         raise ValueError(f"batch of {rows} rows but the cache was reset for {cache_rows}")
+
+
+def check_taps(taps: tuple[int, ...], num_layers: int) -> None:
+    """Refuse tapping a layer the model does not have (a head made for a deeper model)."""
+    bad = [i for i in taps if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"cannot tap layer(s) {bad}: the model has {num_layers} layers "
+                         f"(0..{num_layers - 1})")
 
 
 class Backbone(Protocol):
@@ -47,8 +58,10 @@ class Backbone(Protocol):
         """Empty the cache (and reallocate it if the batch size or capacity changed)."""
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, last_only: bool = False) -> StepOutput:
-        """Run new tokens [batch, T] against the committed cache; K/V stay pending."""
+                mask: torch.Tensor | None = None, last_only: bool = False,
+                taps: tuple[int, ...] = ()) -> StepOutput:
+        """Run new tokens [batch, T] against the committed cache; K/V stay pending. `taps`:
+        layer indices whose outputs come back in `StepOutput.taps`."""
 
     def commit(self, keep: torch.Tensor | None = None) -> None:
         """Keep pending entries `keep` (indices into the last forward's T tokens; None = all)."""

@@ -229,21 +229,32 @@ def run_fused_blocks(model: LlamaModel, x: torch.Tensor, cos: torch.Tensor, sin:
                      k_all: torch.Tensor, v_all: torch.Tensor, slots: torch.Tensor,
                      counts: torch.Tensor, rows: torch.Tensor = NO_ROWS,
                      write_rows: torch.Tensor = NO_ROWS, write_slots: torch.Tensor = NO_ROWS,
-                     start: int = 0) -> torch.Tensor | None:
-    """Every block of `model` over a step's tokens in one compiled call (`block_step` of each
-    in turn, the same bits), caches [L, R, KV, capacity, hd]; None where some block cannot
-    (the caller then runs them one by one). Arguments as for `block_step`."""
+                     start: int = 0, taps: tuple[int, ...] = ()
+                     ) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+    """Every block of `model` over a step's tokens in compiled calls (`block_step` of each in
+    turn, the same bits), caches [L, R, KV, capacity, hd]: x after the last block and the
+    outputs of blocks `taps` (in that order); None where some block cannot (the caller then
+    runs them one by one). One call for all blocks, or one per stretch between taps (each
+    call costs ~20 us of Python). Other arguments as for `block_step`."""
     stack = fused_stack(model)
     if stack is None:
         return None
     b0 = model.blocks[0]
     d = x.shape[-1]
-    out = kernel_module().blocks_step(
-        x.reshape(-1, d).contiguous(), stack[0], stack[1], b0.attn_norm.eps, stack[2], stack[3],
-        cos.reshape(-1, b0.hd).contiguous(), sin.reshape(-1, b0.hd).contiguous(), b0.n_heads,
-        b0.n_kv, b0.hd, k_all, v_all, write_rows, write_slots, start, slots, counts, rows,
-        b0.hd ** -0.5)
-    return out.reshape(x.shape)
+    h = x.reshape(-1, d).contiguous()
+    cos, sin = cos.reshape(-1, b0.hd).contiguous(), sin.reshape(-1, b0.hd).contiguous()
+    ends = sorted(set(taps) | {len(model.blocks) - 1})
+    tapped, first = {}, 0
+    for last in ends:
+        span = slice(first, last + 1)
+        h = kernel_module().blocks_step(
+            h, stack[0][span], stack[1][span], b0.attn_norm.eps, stack[2][4 * first:4 * last + 4],
+            stack[3][4 * first:4 * last + 4], cos, sin, b0.n_heads, b0.n_kv, b0.hd,
+            k_all[span], v_all[span], write_rows, write_slots, start, slots, counts, rows,
+            b0.hd ** -0.5)
+        tapped[last] = h.reshape(x.shape)
+        first = last + 1
+    return tapped[ends[-1]], [tapped[i] for i in taps]
 
 
 def _fuse_row_ops(model: LlamaModel) -> None:

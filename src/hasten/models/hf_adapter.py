@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ContextFullError, ModelSourceError
-from .backbone import StepOutput, check_step
+from ..errors import ContextFullError, HastenError, ModelSourceError
+from .backbone import StepOutput, check_step, check_taps
 from .llama import causal_mask
 
 _SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
@@ -137,7 +137,13 @@ class HFBackbone:
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, last_only: bool = False) -> StepOutput:
+                mask: torch.Tensor | None = None, last_only: bool = False,
+                taps: tuple[int, ...] = ()) -> StepOutput:
+        layers = int(self.config.num_hidden_layers)
+        check_taps(taps, layers)
+        if layers - 1 in taps:  # transformers returns the last layer's output normed only
+            raise HastenError(f"the transformers adapter cannot tap the last layer ({layers - 1}) "
+                              "before the final norm; use a head over other layers")
         if self._cache is None:
             self.reset(batch_size=input_ids.shape[0])
         self._drop_pending()
@@ -164,7 +170,9 @@ class HFBackbone:
         self._positions = key_positions
         self._pending = t
         logits = out.logits[:, -1:] if last_only else out.logits
-        return StepOutput(logits=logits, hidden=out.hidden_states[-1])
+        # hidden_states[i + 1] is layer i's output (entry 0: the embeddings).
+        tapped = torch.cat([out.hidden_states[i + 1] for i in taps], -1) if taps else None
+        return StepOutput(logits=logits, hidden=out.hidden_states[-1], taps=tapped)
 
     __call__ = forward
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ContextFullError, ModelSourceError
-from .backbone import StepOutput, check_step
+from .backbone import StepOutput, check_step, check_taps
 from .config import LlamaConfig
 from .exact_attention import KeyPlan, exact_attention, plan_keys
 
@@ -177,9 +177,10 @@ class LlamaModel(nn.Module):
         # instead of blocked torch ops: other bits, the same for plain and verify; needs
         # share_past_blocks False. Compact weights turn it on where the kernel builds.
         self.fused_attention = False
-        # (model, x, cos, sin, k, v, slots, counts, start=) -> x after every block, or None:
-        # all blocks of a fused-attention step in one compiled call (`compact.run_fused_blocks`,
-        # set with the kernels; the same bits as the blocks one by one).
+        # (model, x, cos, sin, k, v, slots, counts, start=, taps=) -> (x after every block,
+        # the tapped blocks' outputs), or None: all blocks of a fused-attention step in one
+        # compiled call (`compact.run_fused_blocks`, set with the kernels; the same bits as the
+        # blocks one by one).
         self.run_blocks = None
 
     # The final norm's weight, not the embedding's: compact weights keep the embedding as
@@ -284,7 +285,8 @@ class LlamaModel(nn.Module):
     # ---- forward -------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, last_only: bool = False) -> StepOutput:
+                mask: torch.Tensor | None = None, last_only: bool = False,
+                taps: tuple[int, ...] = ()) -> StepOutput:
         if self._k is None:
             self.reset(batch_size=input_ids.shape[0])
         b, t = input_ids.shape
@@ -292,7 +294,7 @@ class LlamaModel(nn.Module):
         check_step(start, t, self.capacity, b, self._k.shape[1])
         if (self.exact and self.pad_plain_steps and b == 1 and start > 0 and t == 1
                 and start + 2 <= self.capacity):
-            return self._padded_step(input_ids, positions, last_only)
+            return self._padded_step(input_ids, positions, last_only, taps)
         if positions is None:
             positions = torch.arange(start, start + t, device=self.device).expand(b, t)
         elif positions.device.type == "cpu":  # checked where it costs no device sync
@@ -311,25 +313,32 @@ class LlamaModel(nn.Module):
             mask = causal_mask(start, t, self.device).expand(b, t, start + t)
         if mask is not None:
             mask = mask.unsqueeze(1)  # one mask for all heads
-        x = self.run_layers(self.embed(input_ids), cos, sin, self._k, self._v, start, mask, plan)
+        x, tapped = self.run_layers(self.embed(input_ids), cos, sin, self._k, self._v, start,
+                                    mask, plan, taps)
         hidden = self.norm(x)
         logits = self.lm_head(hidden[:, -1:] if last_only else hidden)
         self._pending = t
-        return StepOutput(logits=logits, hidden=hidden)
+        return StepOutput(logits=logits, hidden=hidden, taps=tapped)
 
-    def run_layers(self, x, cos, sin, k_all, v_all, start: int, mask, plan: KeyPlan | None):
+    def run_layers(self, x, cos, sin, k_all, v_all, start: int, mask, plan: KeyPlan | None,
+                   taps: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every block over x with caches k_all / v_all [L, B, KV, capacity, hd]: all in one
         compiled call (`run_blocks`) where a single sequence's plan allows, else block by block.
-        The solo forward and the batched decoder's prefill both come here, so they match."""
+        The solo forward and the batched decoder's prefill both come here, so they match.
+        Returns x after the last block and the outputs of blocks `taps` side by side (or None)."""
+        check_taps(taps, len(self.blocks))
         if self.run_blocks is not None and plan is not None and plan.counts is not None and \
                 x.shape[0] == 1:
-            y = self.run_blocks(self, x, cos, sin, k_all, v_all, plan.tail_slots, plan.counts,
-                                start=start)
-            if y is not None:
-                return y
+            done = self.run_blocks(self, x, cos, sin, k_all, v_all, plan.tail_slots, plan.counts,
+                                   start=start, taps=taps)
+            if done is not None:
+                return done[0], side_by_side(done[1])
+        tapped = {}
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, k_all[i], v_all[i], start, mask, plan)
-        return x
+            if i in taps:
+                tapped[i] = x
+        return x, side_by_side([tapped[i] for i in taps])
 
     def prefill_plan(self, t: int) -> KeyPlan | None:
         """How a t-token prompt into an empty cache attends: on the compiled blocks with exact
@@ -343,7 +352,7 @@ class LlamaModel(nn.Module):
         return plan_keys(None, 0, t, self.device, self.share_past_blocks, self.fused_attention)
 
     def _padded_step(self, input_ids: torch.Tensor, positions: torch.Tensor | None,
-                     last_only: bool) -> StepOutput:
+                     last_only: bool, taps: tuple[int, ...] = ()) -> StepOutput:
         """A one-token step computed as two identical rows, the second thrown away.
 
         A one-row matmul runs another kernel (gemv) than two or more rows, and its rows round
@@ -354,10 +363,15 @@ class LlamaModel(nn.Module):
         pos = torch.full((1, 2), start, dtype=torch.long) if positions is None else positions.cpu().repeat(1, 2)
         mask = torch.ones(1, 2, start + 2, dtype=torch.bool)
         mask[0, 0, start + 1] = mask[0, 1, start] = False
-        out = self.forward(input_ids.repeat(1, 2), pos, mask, last_only=False)
+        out = self.forward(input_ids.repeat(1, 2), pos, mask, last_only=False, taps=taps)
         self._pending = 1
-        hidden = out.hidden[:, :1]
-        return StepOutput(logits=out.logits[:, :1], hidden=hidden)
+        tapped = None if out.taps is None else out.taps[:, :1]
+        return StepOutput(logits=out.logits[:, :1], hidden=out.hidden[:, :1], taps=tapped)
+
+
+def side_by_side(outputs: list[torch.Tensor]) -> torch.Tensor | None:
+    """Tapped layer outputs [..., d] each -> [..., len * d] (None for no taps)."""
+    return torch.cat(outputs, dim=-1) if outputs else None
 
 
 def causal_mask(past: int, t: int, device=None) -> torch.Tensor:

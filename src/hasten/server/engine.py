@@ -348,6 +348,9 @@ class Engine:
         params = SamplingParams(job.temperature, job.top_k, job.top_p)
         drafts = job.drafter is not None and (params.greedy or job.seed is None)
         job.drafter = own_drafter(job.drafter) if drafts else None  # None: this job decodes plain
+        layers = getattr(job.drafter, "feature_layers", None) or ()
+        if set(layers) - set(self.decoder.taps):  # kept from now on, for every batch row
+            self.decoder.taps = tuple(sorted(set(self.decoder.taps) | set(layers)))
         if self._speculates_alone(job, params):  # plain as well: the CLI's own loop
             self._start_solo(job, start)
             return
@@ -359,7 +362,7 @@ class Engine:
                       start, start - job.created)
         if drafts:
             job.drafter.reset(list(job.prompt_ids), self.decoder.capacity)
-            job.drafter.observe([seq.root], seq.hidden)  # as the solo engine after its prefill
+            job.drafter.observe([seq.root], self._features(job.drafter, seq))  # as the solo engine
             self._draft_in_batch(run, list(job.prompt_ids) + [seq.root])
         self.running.append(run)
         stats.time_to_first_token = time.perf_counter() - start
@@ -458,12 +461,21 @@ class Engine:
                 if drafting.sizer is not None:
                     drafting.sizer.update(tree.max_depth if tree else 0, len(new) - 1,
                                           tree.size if tree else 0)
-                drafting.drafter.observe(new, seq.hidden)
+                drafting.drafter.observe(new, self._features(drafting.drafter, seq))
                 drafting.context += new
             for token in new:
                 self._deliver(run, token)
                 if run.stats.finish_reason:
                     break
+
+    def _features(self, drafter, seq) -> torch.Tensor | None:
+        """What `drafter.observe` reads of `seq`'s last committed positions: the outputs of its
+        `feature_layers` (picked from the decoder's taps), or the last hidden states."""
+        layers = getattr(drafter, "feature_layers", None) or ()
+        if not layers or seq.taps is None:
+            return None if layers else seq.hidden
+        cols = [self.decoder.taps.index(i) for i in layers]
+        return seq.taps.unflatten(-1, (len(self.decoder.taps), -1))[:, cols].flatten(-2)
 
     def _draft(self, rows: int) -> dict:
         """This step's tree of every drafting request. Sizes: each request's rule over the
