@@ -186,9 +186,11 @@ def test_training_a_layers_head_from_a_last_state_head(tmp_path):
 
 
 def test_feature_layers_option():
+    with pytest.raises(ValueError, match="two or more"):
+        EagleHead(EagleConfig.like(tiny_pair(num_layers=3)[0].config, feature_layers=[1]))
     assert parse_feature_layers("auto", 30) == [2, 15, 29]
     assert parse_feature_layers("3,1", 30) == [3, 1]
-    for bad in ("x", "30", "1,1", ""):
+    for bad in ("x", "30", "1,1", "", "5"):
         with pytest.raises(HastenError, match="--feature-layers"):
             parse_feature_layers(bad, 30)
 

@@ -238,15 +238,14 @@ def _run_eagle(args) -> None:
 
 def parse_feature_layers(text: str, num_layers: int) -> list[int]:
     """'auto' (layer 2, the middle one and the last) or comma-separated 0-based layer indices."""
-    if text == "auto":
-        return sorted({min(2, num_layers - 1), num_layers // 2, num_layers - 1})
     try:
-        layers = [int(x) for x in text.split(",") if x.strip()]
+        layers = sorted({min(2, num_layers - 1), num_layers // 2, num_layers - 1}) \
+            if text == "auto" else [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise HastenError(f"--feature-layers: {text!r} is not 'auto' or comma-separated layer "
                           "numbers") from None
     bad = [i for i in layers if not 0 <= i < num_layers]
-    if not layers or bad or len(set(layers)) != len(layers):
-        raise HastenError(f"--feature-layers: give distinct layers in 0..{num_layers - 1} "
-                          f"(got {text!r})")
+    if len(layers) < 2 or bad or len(set(layers)) != len(layers):
+        raise HastenError(f"--feature-layers: give two or more distinct layers in "
+                          f"0..{num_layers - 1} (got {text!r})")
     return layers

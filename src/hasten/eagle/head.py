@@ -114,6 +114,9 @@ class EagleHead(nn.Module):
         self.up_proj = nn.Linear(d, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, d, bias=False)
         taps = len(cfg.feature_layers or ())
+        if taps == 1:  # `fuse` tells the target's features from the head's own by their width
+            raise ValueError("feature_layers needs two or more layers (one: leave it unset and "
+                             "the head reads the last hidden state)")
         self.reduce = nn.Linear(taps * d, d, bias=False) if taps else None
         self.register_buffer("draft_vocab", torch.empty(0, dtype=torch.long), persistent=False)
         inv_freq, divisor = rope_inv_freq(cfg.rope_config())
