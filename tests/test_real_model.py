@@ -114,3 +114,11 @@ def test_shipped_eagle_head_drafts_are_accepted():
     want = list(model.generate_ids(ids, 64, ignore_eos=True))
     assert list(model.generate_ids(ids, 64, draft="eagle", tree_size=16, ignore_eos=True)) == want
     assert model.last_stats.mean_accepted > 1.4
+
+
+def test_the_shipped_heads_draft_over_layers_and_export_over_the_last_state(model):
+    """`--draft eagle` takes the shipped head over layers 2/15/29; `hasten export eagle`, which
+    vLLM's and SGLang's EAGLE-1 read, the shipped one over the last hidden state."""
+    from hasten.eagle.drafter import find_head
+    assert find_head(model).head.config.feature_layers == [2, 15, 29]
+    assert find_head(model, exportable=True).head.config.feature_layers is None

@@ -33,7 +33,8 @@ def register(sub) -> None:
     _common_args(g, formats=("vllm", "sglang"), default=None)
     g.add_argument("--heads", "--eagle-head", default=None,
                    help="EAGLE head folder (default: the head --draft eagle finds for --model: "
-                        "next to the model, else the one shipped for it)")
+                        "next to the model, else the shipped one over the last hidden state; "
+                        "heads over several layers, --feature-layers, do not export)")
     g.set_defaults(run=run_eagle)
 
 
@@ -83,7 +84,7 @@ def run_eagle(args) -> None:
 
     out, dtype = _out(args), _save_dtype(args)
     model = load_model(args)
-    loaded = find_head(model, args.heads)  # checked against the model's fingerprint
+    loaded = find_head(model, args.heads, exportable=True)  # checked against the model's fingerprint
     layout = export_eagle(loaded, out, args.format, use_draft_vocab=not args.no_draft_vocab,
                           dtype=dtype, force=args.force)
     _report(out, layout, f"{'vLLM' if args.format == 'vllm' else 'SGLang'} EAGLE", loaded.folder)

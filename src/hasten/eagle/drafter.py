@@ -271,12 +271,14 @@ def rerank(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,
 
 # ---- finding a head for a model ------------------------------------------------------------
 
-def find_head(model, head: str | Path | None = None) -> LoadedEagle:
+def find_head(model, head: str | Path | None = None, exportable: bool = False) -> LoadedEagle:
     """A head for a `hasten.api.Model`: `head` if given, else `<model folder>/eagle/`, else the
-    packaged head whose base model is this one."""
+    packaged head whose base model is this one. `exportable`: of the packaged heads, the first
+    over the last hidden state (what vLLM's and SGLang's EAGLE-1 drafts read)."""
+    usable = (lambda loaded: not loaded.head.config.feature_layers) if exportable else None
     return find_for_model(model, head, "eagle", "hasten.eagle", is_head_folder, load_head,
                           "no EAGLE head for {name}: train one with `hasten train eagle --out "
-                          "DIR` and pass it (--eagle-head DIR)")
+                          "DIR` and pass it (--eagle-head DIR)", usable)
 
 
 def embedding_weight(backbone) -> torch.Tensor:

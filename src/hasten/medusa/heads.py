@@ -358,10 +358,12 @@ def packaged_folders(package: str, is_folder) -> list[Path]:
         return []
 
 
-def find_for_model(model, explicit, subfolder: str, package: str, is_folder, load, missing: str):
+def find_for_model(model, explicit, subfolder: str, package: str, is_folder, load, missing: str,
+                   usable=None):
     """Trained heads for a `hasten.api.Model`: `explicit` if given, else `<model folder>/
     <subfolder>/` (where training beside a model puts them), else the first packaged folder
-    whose base model is this one; `missing` is the error when there are none."""
+    whose base model is this one (and, with `usable`, for which usable(loaded) holds);
+    `missing` is the error when there are none."""
     name = getattr(model, "name", None)
     if explicit is not None:
         return load(explicit, model.backbone, name)
@@ -370,7 +372,9 @@ def find_for_model(model, explicit, subfolder: str, package: str, is_folder, loa
         return load(Path(folder) / subfolder, model.backbone, name)
     for candidate in packaged_folders(package, is_folder):
         try:
-            return load(candidate, model.backbone, name)
+            loaded = load(candidate, model.backbone, name)
         except HastenError:
             continue
+        if usable is None or usable(loaded):
+            return loaded
     raise HastenError(missing.format(name=name or "this model"))
