@@ -214,7 +214,7 @@ def run_eagle(backbone, records: list[dict], out_dir: str | Path, *, name: str |
               model_key: str, cfg: EagleTrainConfig = EagleTrainConfig(), holdout: int = 50,
               draft_vocab: int = 8192, cache_dir: str | Path | None = None,
               cache_tokens: int = 8192, device=None, save_dtype=torch.float16,
-              calibration_prompts: int = 8, progress: bool = True,
+              calibration_prompts: int = 32, progress: bool = True,
               init: EagleHead | None = None, feature_layers: list[int] | None = None) -> dict:
     """Features -> split -> draft vocabulary -> train -> E(n) measured by decoding held-out
     prompts -> `out_dir` holds a loadable head. `init`: a head to continue from (its weights
