@@ -192,26 +192,35 @@ def test_a_lone_request_with_a_drafter_decodes_speculatively(model):
     assert stats["steps"] < r.usage.completion_tokens - 1  # fewer forwards than tokens
 
 
+def lone_then_company(s: Server, monkeypatch, backbone, draft: str, other_draft: str | None = None):
+    """A lone speculating request (REPEAT, 60 tokens) held after its prefill and 2 speculative
+    steps; a second (QUESTIONS[2]) arrives and waits for the step boundary; both (text,
+    response) once the gate opens."""
+    engine = s.app.state.engine
+    gate = ForwardGate(monkeypatch, backbone, after=3)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            lone = pool.submit(ask, s.client(), REPEAT, max_tokens=60, draft=draft)
+            wait_for(lambda: gate.calls > 3, "the lone request to reach the gate")
+            assert engine.solo is not None
+            other = pool.submit(ask, s.client(), QUESTIONS[2], draft=other_draft)
+            wait_for(lambda: engine.queued == 1, "the second request to wait")
+            gate.opened.set()
+            return lone.result(30), other.result(30)
+    finally:
+        gate.opened.set()
+
+
 def test_a_speculating_request_joins_the_batch_when_company_arrives(model, monkeypatch):
     want = [model.generate(REPEAT, 60, temperature=0), model.generate(QUESTIONS[2], 40, temperature=0)]
     s = Server(create_app(model, log=False, tree_size=4))
-    engine = s.app.state.engine
-    gate = ForwardGate(monkeypatch, model.backbone, after=3)  # prefill + 2 speculative steps
     try:
-        with ThreadPoolExecutor(2) as pool:
-            lone = pool.submit(ask, s.client(), REPEAT, max_tokens=60, draft="lookup")
-            wait_for(lambda: gate.calls > 3, "the lone request to reach the gate")
-            assert engine.solo is not None
-            other = pool.submit(ask, s.client(), QUESTIONS[2])
-            wait_for(lambda: engine.queued == 1, "the second request to wait")
-            gate.opened.set()
-            (text_a, ra), (text_b, rb) = lone.result(30), other.result(30)
+        (text_a, ra), (text_b, rb) = lone_then_company(s, monkeypatch, model.backbone, "lookup")
         assert [text_a, text_b] == want
         stats = ra.model_extra["hasten"]
         assert stats["draft"] == "lookup" and stats["max_batch_size"] == 2
         assert rb.model_extra["hasten"]["max_batch_size"] == 2
     finally:
-        gate.opened.set()
         s.stop()
 
 
@@ -325,22 +334,13 @@ def test_eagle_over_several_layers_speculates_inside_the_batch_with_solo_answers
         widths.append(None if feats is None else feats.shape[-1]), observe(self, tokens, feats))[1])
     s = Server(create_app(model, draft=DraftSpec("eagle", eagle_head=str(tmp_path / "head")),
                           log=False, tree_size=4))
-    engine = s.app.state.engine
-    gate = ForwardGate(monkeypatch, model.backbone, after=3)  # prefill + 2 speculative steps
     try:
-        with ThreadPoolExecutor(2) as pool:
-            lone = pool.submit(ask, s.client(), REPEAT, max_tokens=60, draft="eagle")
-            wait_for(lambda: gate.calls > 3, "the lone request to reach the gate")
-            other = pool.submit(ask, s.client(), QUESTIONS[2], draft="eagle")
-            wait_for(lambda: engine.queued == 1, "the second request to wait")
-            gate.opened.set()
-            (text_a, ra), (text_b, rb) = lone.result(30), other.result(30)
+        (text_a, ra), (text_b, rb) = lone_then_company(s, monkeypatch, model.backbone, "eagle", "eagle")
         assert [text_a, text_b] == want
-        assert engine.decoder.taps == (0, 1)
+        assert s.app.state.engine.decoder.taps == (0, 1)
         assert set(widths) == {2 * model.backbone.config.hidden_size}  # solo and in the batch
         for r in (ra, rb):
             stats = r.model_extra["hasten"]
             assert stats["draft"] == "eagle" and stats["max_batch_size"] == 2
     finally:
-        gate.opened.set()
         s.stop()

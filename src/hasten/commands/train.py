@@ -223,9 +223,8 @@ def _run_eagle(args) -> None:
     if args.init:  # the base model is checked: a head of another model is refused
         from ..eagle.drafter import find_head
         init = find_head(model, None if args.init == "default" else args.init).head
-    cfg_layers = model.backbone.config
-    num_layers = getattr(cfg_layers, "num_layers", None) or cfg_layers.num_hidden_layers
-    layers = parse_feature_layers(args.feature_layers, num_layers) \
+    from ..models.backbone import layer_count
+    layers = parse_feature_layers(args.feature_layers, layer_count(model.backbone)) \
         if args.feature_layers else None
     record = run_eagle(model.backbone, records, args.out, name=model.name, model_key=_model_key(model),
                        cfg=cfg, holdout=args.holdout, draft_vocab=args.draft_vocab,

@@ -78,6 +78,10 @@ def generate_speculative(backbone: Backbone, drafter: Drafter | None, prompt: li
     backbone.reset(1, capacity)
     taps = tuple(getattr(drafter, "feature_layers", None) or ())
     tap = {"taps": taps} if taps else {}  # only then: other backbones need not know taps
+
+    def features(out):  # what the drafter reads: the tapped layers, or the last hidden states
+        return out.taps if taps else out.hidden
+
     out = backbone.forward(torch.tensor([prompt], device=backbone.device), last_only=True, **tap)
     backbone.commit()
     hidden = out.hidden[0, -1]
@@ -85,7 +89,7 @@ def generate_speculative(backbone: Backbone, drafter: Drafter | None, prompt: li
     context = list(prompt) + [root]
     if drafter is not None:
         drafter.reset(list(prompt), capacity)
-        drafter.observe([root], (out.taps if taps else out.hidden)[0])
+        drafter.observe([root], features(out)[0])
     shadow: ShadowWalk | None = None
     stats.new_tokens = 1
     stats.time_to_first_token = stats.total_time = time.perf_counter() - start
@@ -114,8 +118,7 @@ def generate_speculative(backbone: Backbone, drafter: Drafter | None, prompt: li
         if tree is None or tree.size == 0:
             out = backbone.forward(torch.tensor([[root]], device=backbone.device), **tap)
             backbone.commit()
-            committed = out.hidden[0, -1:]
-            features = (out.taps if taps else out.hidden)[0, -1:]
+            hidden, fed = out.hidden[0, -1], features(out)[0, -1:]
             path, bonus = [], int(choose(out.logits[0, -1], params, generator))
             t2 = time.perf_counter()
         else:
@@ -126,9 +129,7 @@ def generate_speculative(backbone: Backbone, drafter: Drafter | None, prompt: li
             keep = keep_indices(path)
             backbone.commit(keep)
             keep = keep.to(out.hidden.device)
-            committed = out.hidden[0, keep]
-            features = (out.taps if taps else out.hidden)[0, keep]
-        hidden = committed[-1]
+            hidden, fed = out.hidden[0, keep[-1]], features(out)[0, keep]
         if sizer:
             sizer.update(tree.max_depth if tree else 0, len(path), tree.size if tree else 0)
         t3 = time.perf_counter()
@@ -139,7 +140,7 @@ def generate_speculative(backbone: Backbone, drafter: Drafter | None, prompt: li
         new = [tree.token_list[i] for i in path] + [bonus]
         stats.accepted.append(len(new))
         if drafter is not None:
-            drafter.observe(new, features)
+            drafter.observe(new, fed)
             context.extend(new)
         if shadow is not None and shadow.feed(new):
             sizer.shadow(shadow.tree.max_depth, shadow.accepted, shadow.tree.size)

@@ -50,6 +50,7 @@ from torch import nn
 
 from ..errors import HastenError
 from ..medusa.heads import base_identity, identity_matches
+from ..models.backbone import layer_count
 from ..models.config import LlamaConfig
 from ..models.llama import RMSNorm, rope_inv_freq, rotate_half
 
@@ -365,8 +366,7 @@ def load_head(folder: str | Path, backbone=None, name: str | None = None) -> Loa
         raise HastenError(f"{folder}: the EAGLE head lacks {missing[:3]}; train it again")
     layers = head.config.feature_layers or ()
     if backbone is not None and layers:
-        have = int(getattr(backbone.config, "num_layers", None) or
-                   getattr(backbone.config, "num_hidden_layers"))
+        have = layer_count(backbone)
         if max(layers) >= have:
             raise HastenError(f"the EAGLE head in {folder} reads layer {max(layers)}, but this "
                               f"model has {have} layers; train one for this model")

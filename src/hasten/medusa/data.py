@@ -124,12 +124,11 @@ def sequence_outputs(backbone, seqs: list[list[int]], taps: tuple[int, ...] = ()
     from (bit for bit: a test checks), and faster (compact-q8, 2 threads: 1,630 against 610
     tok/s for padded batches). Else one left-padded batch (`padded_forward`)."""
     from ..models.llama import LlamaModel
-    tap = {"taps": taps} if taps else {}
     if isinstance(backbone, LlamaModel) and all(backbone.prefill_plan(len(s)) is not None for s in seqs):
         out, capacity = [], max(map(len, seqs))
         for s in seqs:
             backbone.reset(1, capacity)  # one allocation for the batch (reset reuses it)
-            step = backbone.forward(torch.tensor([s], device=backbone.device), last_only=True, **tap)
+            step = backbone.forward(torch.tensor([s], device=backbone.device), last_only=True, taps=taps)
             out.append((step.hidden[0], None if step.taps is None else step.taps[0]))
             backbone.commit(torch.empty(0, dtype=torch.long))
         return out

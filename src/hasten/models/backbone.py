@@ -39,6 +39,12 @@ def check_step(length: int, new: int, capacity: int, rows: int, cache_rows: int)
         raise ValueError(f"batch of {rows} rows but the cache was reset for {cache_rows}")
 
 
+def layer_count(backbone) -> int:
+    """How many decoder layers a backbone has (our config's name, or transformers')."""
+    cfg = backbone.config
+    return int(getattr(cfg, "num_layers", None) or cfg.num_hidden_layers)
+
+
 def check_taps(taps: tuple[int, ...], num_layers: int) -> None:
     """Refuse tapping a layer the model does not have (a head made for a deeper model)."""
     bad = [i for i in taps if not 0 <= i < num_layers]
