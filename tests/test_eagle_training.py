@@ -109,12 +109,46 @@ def test_a_head_of_another_model_is_refused(tiny, trained):
         eagle_drafter(SimpleNamespace(backbone=other, name="other", folder=None), trained.out)
 
 
+def test_sharegpt_records_take_first_later_or_all_exchanges(monkeypatch):
+    """Opening exchanges, the ones after them (each a prompt of its own), or all; `skip`
+    passes over usable exchanges; malformed turns are left out, not fatal."""
+    from hasten.data import datasets
+    from hasten.eagle.data import sharegpt_records
+    from hasten.errors import HastenError
+    chats = [{"conversations": [{"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"},
+                                {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"},
+                                {"from": "human", "value": "q3"}, {"from": "gpt", "value": " "},
+                                {"from": "human", "value": "q4"}]},
+             {"conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"},
+                                {"from": "human", "value": "q5"}, ["bad"],
+                                {"from": "human", "value": "q6"}, {"from": "gpt", "value": "a6"}]},
+             {"conversations": [{"from": "human", "value": "q7"}, {"from": "gpt", "value": "a7"}]}]
+    monkeypatch.setattr(datasets, "sharegpt_conversations", lambda progress=True: iter(chats))
+
+    def encode(text, chat):  # one id per character; prompts marked by a leading 0
+        return ([0] if chat else []) + [ord(c) for c in text]
+
+    def pairs(**kw):
+        return [(bytes(r["prompt_ids"][1:]).decode(), bytes(r["answer_ids"][:-1]).decode())
+                for r in sharegpt_records(encode, 9, 100, 64, progress=False, **kw)]
+    assert pairs() == [("q1", "a1"), ("q7", "a7")]
+    assert pairs(turns="later") == [("q2", "a2"), ("q6", "a6")]
+    assert pairs(turns="all") == [("q1", "a1"), ("q2", "a2"), ("q6", "a6"), ("q7", "a7")]
+    assert pairs(turns="all", skip=2) == [("q6", "a6"), ("q7", "a7")]
+    with pytest.raises(HastenError, match="turns must be one of"):
+        pairs(turns="second")
+
+
 def test_cli_parses_train_eagle():
     from hasten.commands import train
     parser = argparse.ArgumentParser()
     train.register(parser.add_subparsers())
     args = parser.parse_args(["train", "eagle", "--data", "sharegpt", "--out", "x", "--unroll", "0"])
     assert args.train_target == "eagle" and args.unroll == 0 and args.draft_vocab == 8192
+    assert (args.turns, args.skip) == ("first", 0)
+    args = parser.parse_args(["train", "eagle", "--data", "sharegpt", "--out", "x", "--turns",
+                              "later", "--skip", "5"])
+    assert (args.turns, args.skip) == ("later", 5)
 
 
 def test_cli_trains_a_head_that_generate_uses(tiny_folder, tmp_path, capsys):

@@ -110,6 +110,12 @@ def _register_eagle(tsub) -> None:
                    help="distilled JSONL (hasten distill), or 'sharegpt' for ShareGPT answers")
     e.add_argument("--records", type=int, default=2000,
                    help="--data sharegpt: how many exchanges (default 2000)")
+    e.add_argument("--turns", choices=("first", "later", "all"), default="first",
+                   help="--data sharegpt: each chat's opening exchange (about 11k), the exchanges "
+                        "after it (about 26k more, each as a prompt of its own), or all")
+    e.add_argument("--skip", type=int, default=0, metavar="N",
+                   help="--data sharegpt: pass over the first N usable exchanges (fresh data "
+                        "for a run that continues an earlier one)")
     e.add_argument("--out", "-o", type=Path, required=True, help="output folder for the head")
     e.add_argument("--train-device", default=None, help="device for training (default: --device)")
     e.add_argument("--epochs", type=float, default=2.0)
@@ -208,7 +214,8 @@ def _run_eagle(args) -> None:
         def encode(text: str, chat: bool) -> list[int]:
             return model.encode(text) if chat else model.tokenizer.encode(text, add_special_tokens=False)
         eos = model.stop_ids[0] if model.stop_ids else None
-        records = sharegpt_records(encode, eos, args.records, args.max_len)
+        records = sharegpt_records(encode, eos, args.records, args.max_len, skip=args.skip,
+                                   turns=args.turns)
     else:
         records = [dict(r, answer_ids=r["answer_ids"][:max(1, args.max_len - len(r["prompt_ids"]))])
                    for r in read_records(args.data) if len(r["prompt_ids"]) < args.max_len]
