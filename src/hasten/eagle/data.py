@@ -28,9 +28,6 @@ from ..errors import HastenError
 from ..medusa.data import _fingerprint, _write_json, batches_by_length, lm_hidden_size, sequence_outputs
 
 
-TURNS = ("first", "later", "all")
-
-
 def sharegpt_records(tokenizer_encode, eos_id: int | None, limit: int, max_len: int,
                      skip: int = 0, progress: bool = True, turns: str = "first") -> list[dict]:
     """Up to `limit` ShareGPT exchanges as records: `tokenizer_encode(text, chat)` gives the
@@ -41,13 +38,13 @@ def sharegpt_records(tokenizer_encode, eos_id: int | None, limit: int, max_len: 
     it: the head learns the target's distribution over the answer as the target reads it in
     that context, so the missing history changes the text, not what is learnt; "all" both,
     in file order. `skip`: usable exchanges passed over first (a later run on fresh ones)."""
-    from ..data.datasets import sharegpt_conversations
+    from ..data.datasets import EXCHANGES, sharegpt_conversations, sharegpt_exchanges
     from ..medusa.distill import prompt_key
-    if turns not in TURNS:
-        raise HastenError(f"turns must be one of {', '.join(TURNS)}, got {turns!r}")
+    if turns not in EXCHANGES:
+        raise HastenError(f"turns must be one of {', '.join(EXCHANGES)}, got {turns!r}")
     records, seen = [], 0
     for conv in sharegpt_conversations(progress=progress):
-        for question, answer in _exchanges(conv.get("conversations") or [], turns):
+        for question, answer in sharegpt_exchanges(conv, turns):
             seen += 1
             if seen <= skip:
                 continue
@@ -62,22 +59,6 @@ def sharegpt_records(tokenizer_encode, eos_id: int | None, limit: int, max_len: 
     if not records:
         raise HastenError("no usable ShareGPT exchanges found")
     return records
-
-
-def _exchanges(turns: list, which: str):
-    """(question, answer) pairs of one chat: a human turn answered by a "gpt" turn, both
-    non-empty text; the opening one (index 0), the later ones, or all."""
-    starts = {"first": range(0, 1), "later": range(2, len(turns) - 1, 2),
-              "all": range(0, len(turns) - 1, 2)}[which]
-    for i in starts:
-        human, gpt = (turns[i], turns[i + 1]) if i + 1 < len(turns) else (None, None)
-        if not (isinstance(human, dict) and isinstance(gpt, dict)):
-            continue
-        if human.get("from") != "human" or gpt.get("from") != "gpt":
-            continue
-        question, answer = human.get("value"), gpt.get("value")
-        if isinstance(question, str) and isinstance(answer, str) and question.strip() and answer.strip():
-            yield question, answer
 
 
 class FeatureCache:
