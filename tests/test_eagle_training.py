@@ -101,6 +101,25 @@ def test_expected_lengths_are_measured_and_used(tiny, trained):
     assert drafter.expected_lengths == e
 
 
+def test_a_bfloat16_models_head_drafts_in_float32_blocks_where_our_kernels_run(tiny, trained):
+    """Torch's bfloat16 matmuls are slow on CPUs without AMX; drafts need no exactness, so the
+    head runs on our Q8_0 kernels in float32 there, and greedy output is still plain's."""
+    from hasten.models.quant_kernels import vector_kernels
+    cfg = tiny_config()
+    half = build_llama(cfg, hf_reference(cfg, 0, torch.float32).state_dict(), dtype=torch.bfloat16)
+    drafter = eagle_drafter(SimpleNamespace(backbone=half, name="tiny", folder=None), trained.out)
+    if vector_kernels():
+        assert drafter.dtype == torch.float32 and drafter.lm_head_blocks is not None
+    else:
+        assert drafter.dtype == torch.bfloat16 and drafter.lm_head_blocks is None
+    for _, prompt, _ in make_prompts(3, seed=5):
+        plain = list(generate_plain(half, prompt, 32, stop_ids=(2,)))
+        stats = GenerationStats()
+        assert list(generate_speculative(half, drafter, prompt, 32, stop_ids=(2,), tree_size=16,
+                                         stats=stats)) == plain
+        assert stats.mean_accepted > 1.2  # its drafts still get accepted
+
+
 def test_a_head_of_another_model_is_refused(tiny, trained):
     cfg = tiny_config()
     other = build_llama(cfg, hf_reference(cfg, 9, torch.float32).state_dict(), dtype=torch.float32)
