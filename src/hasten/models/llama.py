@@ -268,21 +268,40 @@ class LlamaModel(nn.Module):
         else:
             keep = torch.as_tensor(keep, dtype=torch.long)
             kept = keep.numel()
-            dst = torch.arange(kept, device=keep.device)
-            if keep.device.type == "cpu":  # checked on the host: no device sync
-                if kept and (int(keep.min()) < 0 or int(keep.max()) >= self._pending):
+            if keep.device.type == "cpu":  # checked on the host (no device sync), in Python:
+                ids = keep.tolist()            # tensor ops on a few indices cost more
+                if ids and (min(ids) < 0 or max(ids) >= self._pending):
                     raise IndexError(f"commit indices must lie in [0, {self._pending})")
-                # Only entries not already in place move: an accepted path is mostly its
-                # tree's first nodes, and gathering every layer's entries cost ~50-75 us.
-                moved = keep != dst
-                keep, dst = keep[moved].to(self.device), dst[moved].to(self.device)
-            if keep.numel():
+                self._move_kept(ids)
+            else:
+                src = self.length + keep
+                dst = self.length + torch.arange(kept, device=keep.device)
                 # Gathering first makes overlapping source/destination ranges safe.
-                src, dst = self.length + keep, self.length + dst
                 self._k[:, :, :, dst] = self._k[:, :, :, src]
                 self._v[:, :, :, dst] = self._v[:, :, :, src]
             self.length += kept
         self._pending = 0
+
+    def _move_kept(self, ids: list[int]) -> None:
+        """Kept pending entries `ids` to the slots right after the committed ones. Entries
+        already in place stay (an accepted path is mostly its tree's first nodes); an
+        increasing path, as a tree's always is, moves entry by entry, each to a slot before
+        its own, so no copy overwrites one still to be read (measured in a decode loop: ~250 us
+        for the gathering copy of every layer's entries, ~10 us this way)."""
+        moved = [(j, i) for j, i in enumerate(ids) if i != j]
+        if not moved:
+            return
+        at = self.length
+        if all(a < b for a, b in zip(ids, ids[1:])):
+            for j, i in moved:
+                self._k[:, :, :, at + j].copy_(self._k[:, :, :, at + i])
+                self._v[:, :, :, at + j].copy_(self._v[:, :, :, at + i])
+            return
+        dst = at + torch.tensor([j for j, _ in moved], dtype=torch.long, device=self.device)
+        src = at + torch.tensor([i for _, i in moved], dtype=torch.long, device=self.device)
+        # Gathering first makes overlapping source/destination ranges safe.
+        self._k[:, :, :, dst] = self._k[:, :, :, src]
+        self._v[:, :, :, dst] = self._v[:, :, :, src]
 
     def truncate(self, length: int) -> None:
         """Forget committed entries after `length` (a draft model rolling back its guesses)."""
