@@ -207,8 +207,8 @@ class DraftCost:
     costs one step's drafting.
 
     A step with a tree also pays after its forward: walking the tree against the logits and
-    moving the accepted path's K/V into place (`add_accept`), 0.25-0.4 ms a step on the
-    default model on a 2-core CPU, ~6% of a plain step, which the verify cost curve does not
+    moving the accepted path's K/V into place (`add_accept`), 0.1-0.4 ms a step on the
+    default model on a 2-core CPU, up to ~6% of a plain step, which the verify cost curve does not
     hold. Any n > 0 is charged that too."""
 
     def __init__(self, memory: float = 0.8, per_step: bool = False):
