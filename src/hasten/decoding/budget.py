@@ -204,16 +204,10 @@ class DraftCost:
 
     `per_step=True` is for drafters whose cost does not grow with the nodes kept (EAGLE's
     tree levels cost one head forward each whatever n is cut from them): any n > 0 then
-    costs one step's drafting.
-
-    A step with a tree also pays after its forward: walking the tree against the logits and
-    moving the accepted path's K/V into place (`add_accept`), 0.1-0.4 ms a step on the
-    default model on a 2-core CPU, up to ~6% of a plain step, which the verify cost curve does not
-    hold. Any n > 0 is charged that too."""
+    costs one step's drafting."""
 
     def __init__(self, memory: float = 0.8, per_step: bool = False):
         self.memory, self.per_node, self.seen, self.per_step = memory, 0.0, False, per_step
-        self.accept, self.accept_seen = 0.0, False
 
     def add(self, seconds: float, nodes: int) -> None:
         if nodes > 0:
@@ -221,16 +215,10 @@ class DraftCost:
             self.per_node = per if not self.seen else self.memory * self.per_node + (1 - self.memory) * per
             self.seen = True
 
-    def add_accept(self, seconds: float) -> None:
-        """What accepting a verified tree took after its forward."""
-        self.accept = seconds if not self.accept_seen else \
-            self.memory * self.accept + (1 - self.memory) * seconds
-        self.accept_seen = True
-
     def __call__(self, n: int) -> float:
-        if n <= 0:
-            return 0.0
-        return (self.per_node if self.per_step else self.per_node * n) + self.accept
+        if self.per_step:
+            return self.per_node if n > 0 else 0.0
+        return self.per_node * n
 
 
 class AdaptiveTreeSize:

@@ -133,8 +133,6 @@ def generate_speculative(backbone: Backbone, drafter: Drafter | None, prompt: li
         if sizer:
             sizer.update(tree.max_depth if tree else 0, len(path), tree.size if tree else 0)
         t3 = time.perf_counter()
-        if sizer and tree is not None and tree.size:
-            sizer.draft_cost.add_accept(t3 - t2)
         stats.draft_time += t1 - t0
         stats.verify_time += t2 - t1
         stats.accept_time += t3 - t2
