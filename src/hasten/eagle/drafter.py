@@ -310,10 +310,9 @@ def eagle_drafter(model, head: str | Path | None = None, depth: int | None = Non
     9-13 ms in bfloat16, 2.6-4.3 ms so). Drafts need no exactness: the verify step decides."""
     loaded = find_head(model, head)
     backbone = model.backbone
-    dtype = backbone.dtype if backbone.dtype in (torch.bfloat16, torch.float16, torch.float32) \
-        else torch.float32
-    if backbone.device.type == "cpu" and vector_kernels():
-        dtype = torch.float32
+    native = backbone.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    on_kernels = backbone.device.type == "cpu" and vector_kernels()
+    dtype = backbone.dtype if native and not on_kernels else torch.float32
     module = loaded.head.to(device=backbone.device, dtype=dtype)
     drafter = EagleDrafter(module, embedding_weight(backbone), lm_head_weight(backbone),
                            depth=depth or DEPTH)

@@ -274,11 +274,7 @@ class LlamaModel(nn.Module):
                     raise IndexError(f"commit indices must lie in [0, {self._pending})")
                 self._move_kept(ids)
             else:
-                src = self.length + keep
-                dst = self.length + torch.arange(kept, device=keep.device)
-                # Gathering first makes overlapping source/destination ranges safe.
-                self._k[:, :, :, dst] = self._k[:, :, :, src]
-                self._v[:, :, :, dst] = self._v[:, :, :, src]
+                self._gather(torch.arange(kept, device=keep.device), keep)
             self.length += kept
         self._pending = 0
 
@@ -297,9 +293,13 @@ class LlamaModel(nn.Module):
                 self._k[:, :, :, at + j].copy_(self._k[:, :, :, at + i])
                 self._v[:, :, :, at + j].copy_(self._v[:, :, :, at + i])
             return
-        dst = at + torch.tensor([j for j, _ in moved], dtype=torch.long, device=self.device)
-        src = at + torch.tensor([i for _, i in moved], dtype=torch.long, device=self.device)
-        # Gathering first makes overlapping source/destination ranges safe.
+        self._gather(torch.tensor([j for j, _ in moved], dtype=torch.long, device=self.device),
+                     torch.tensor([i for _, i in moved], dtype=torch.long, device=self.device))
+
+    def _gather(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Pending entries at offsets `src` to offsets `dst` after the committed ones, every
+        layer at once; gathering first makes overlapping source/destination ranges safe."""
+        src, dst = self.length + src, self.length + dst
         self._k[:, :, :, dst] = self._k[:, :, :, src]
         self._v[:, :, :, dst] = self._v[:, :, :, src]
 
